@@ -1,0 +1,425 @@
+"""The ``misskey-gateway`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import multiprocessing
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from gateway import __version__
+from gateway.app import POLICY_KEY, create_app
+from gateway.config import ConfigError, Settings, load_settings, redact_url
+from gateway.credentials import issue_jwt, validate_principal
+from gateway.errors import StoredTokenInvalid, StoreUnavailable
+from gateway.logs import configure_logging
+from gateway.policy import API_PREFIX, load_policy_table
+from gateway.store import RedisTokenStore, fingerprint, validate_token
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class CommandFailed(Exception):
+    """A command could not do its work; the message says why and what to do."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="misskey-gateway",
+        description="Authenticating reverse proxy in front of a Misskey server.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument(
+        "--config",
+        metavar="PATH",
+        help="TOML config file (default: $MISSKEY_GATEWAY_CONFIG, if set)",
+    )
+    config.add_argument(
+        "--redis-url", metavar="URL", help="Redis URL of the token store"
+    )
+
+    serve = commands.add_parser("serve", parents=[config], help="run the gateway")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="TCP port to listen on (default 8080)")
+    serve.add_argument("--upstream", metavar="URL", help="origin of the Misskey server")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes sharing the port (default 1)",
+    )
+    serve.set_defaults(handler=_serve)
+
+    token = commands.add_parser("token", help="manage stored Misskey tokens")
+    token_commands = token.add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    token_set = token_commands.add_parser(
+        "set", parents=[config], help="store the token read from standard input"
+    )
+    token_set.add_argument("principal")
+    token_set.set_defaults(handler=_token_set)
+    token_get = token_commands.add_parser(
+        "get", parents=[config], help="show the fingerprint of a stored token"
+    )
+    token_get.add_argument("principal")
+    token_get.add_argument(
+        "--reveal", action="store_true", help="print the token itself instead"
+    )
+    token_get.set_defaults(handler=_token_get)
+    token_delete = token_commands.add_parser(
+        "delete", parents=[config], help="delete a stored token"
+    )
+    token_delete.add_argument("principal")
+    token_delete.set_defaults(handler=_token_delete)
+    token_list = token_commands.add_parser(
+        "list", parents=[config], help="list the principals that have a token"
+    )
+    token_list.set_defaults(handler=_token_list)
+
+    jwt_command = commands.add_parser("jwt", help="gateway JWTs")
+    jwt_commands = jwt_command.add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    issue = jwt_commands.add_parser(
+        "issue", parents=[config], help="print a signed gateway JWT for a principal"
+    )
+    issue.add_argument("principal")
+    issue.add_argument(
+        "--scope",
+        default="",
+        help="space-separated Misskey permission kinds, "
+        'e.g. "read:account write:notes"; "*" grants every kind (default: none)',
+    )
+    issue.add_argument(
+        "--ttl",
+        type=int,
+        metavar="SECONDS",
+        help="lifetime in seconds (default: jwt.default_ttl)",
+    )
+    issue.set_defaults(handler=_jwt_issue)
+
+    policy = commands.add_parser("policy", help="endpoint policy")
+    policy_commands = policy.add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    show = policy_commands.add_parser(
+        "show", parents=[config], help="print the effective policy row of an endpoint"
+    )
+    show.add_argument("endpoint", help="endpoint name, e.g. notes/create")
+    show.set_defaults(handler=_policy_show)
+
+    check = commands.add_parser(
+        "check",
+        parents=[config],
+        help="validate the config and reach Redis and the upstream",
+    )
+    check.add_argument("--upstream", metavar="URL", help="origin of the Misskey server")
+    check.set_defaults(handler=_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except ConfigError as error:
+        print(f"misskey-gateway: invalid configuration: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except CommandFailed as error:
+        print(f"misskey-gateway: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        "redis.url": args.redis_url,
+        "server.host": getattr(args, "host", None),
+        "server.port": getattr(args, "port", None),
+        "server.workers": getattr(args, "workers", None),
+        "upstream.url": getattr(args, "upstream", None),
+    }
+    return load_settings(args.config, overrides=overrides)
+
+
+def _run_with_store(
+    settings: Settings, work: Callable[[RedisTokenStore], Awaitable[int]]
+) -> int:
+    async def run() -> int:
+        store = RedisTokenStore(settings.redis)
+        try:
+            return await work(store)
+        except StoreUnavailable as error:
+            cause = error.__cause__ or error
+            where = redact_url(settings.redis.url)
+            raise CommandFailed(
+                f"cannot reach the token store at {where}: {cause}"
+            ) from None
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def _principal(args: argparse.Namespace) -> str:
+    try:
+        return validate_principal(args.principal)
+    except ValueError as error:
+        raise CommandFailed(f"invalid principal {args.principal!r}: {error}") from None
+
+
+# serve
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    settings.require_upstream()
+    configure_logging(settings.log.level, settings.log.format)
+    policy = load_policy_table(settings.policy.file or None, settings.policy.endpoints)
+
+    workers = settings.server.workers
+    if workers == 1:
+        _run_worker(settings, reuse_port=False)
+        return EXIT_OK
+    if settings.server.port == 0:
+        raise ConfigError(
+            "server.port", "must be set explicitly when server.workers > 1"
+        )
+    structlog.get_logger("gateway").info(
+        "gateway.workers", workers=workers, policy_rows=len(policy)
+    )
+    return _run_workers(settings, workers)
+
+
+def _run_worker(settings: Settings, reuse_port: bool) -> None:
+    configure_logging(settings.log.level, settings.log.format)
+    logger = structlog.get_logger("gateway")
+    app = create_app(settings)
+    policy = app[POLICY_KEY]
+    logger.info(
+        "gateway.starting",
+        host=settings.server.host,
+        port=settings.server.port,
+        upstream=settings.upstream.url,
+        store=f"redis {redact_url(settings.redis.url)}",
+        policy_rows=len(policy),
+        policy_misskey_version=policy.misskey_version,
+    )
+    web.run_app(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        reuse_port=reuse_port,
+        access_log=None,
+        print=None,
+        handle_signals=True,
+    )
+    logger.info("gateway.stopped")
+
+
+def _run_workers(settings: Settings, workers: int) -> int:
+    """Run ``workers`` processes that share the listening port via SO_REUSEPORT.
+
+    The kernel spreads new connections across the processes. SIGTERM and
+    SIGINT are passed on to every worker.
+    """
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(
+            target=_run_worker, args=(settings, True), name=f"worker-{index}"
+        )
+        for index in range(workers)
+    ]
+    for process in processes:
+        process.start()
+
+    def stop(signum: int, frame: Any) -> None:
+        for process in processes:
+            if process.is_alive() and process.pid is not None:
+                process.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for process in processes:
+        process.join()
+    failed = [p.name for p in processes if p.exitcode not in (0, -signal.SIGTERM)]
+    if failed:
+        print(f"misskey-gateway: workers failed: {', '.join(failed)}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# token
+
+
+def _read_token_input() -> str:
+    if sys.stdin.isatty():
+        text = getpass.getpass("Misskey token: ")
+    else:
+        text = sys.stdin.read()
+    token = text.strip()
+    try:
+        return validate_token(token)
+    except ValueError as error:
+        raise CommandFailed(f"invalid token on standard input: {error}") from None
+
+
+def _token_set(args: argparse.Namespace) -> int:
+    principal = _principal(args)
+    token = _read_token_input()
+
+    async def work(store: RedisTokenStore) -> int:
+        await store.set_token(principal, token)
+        print(f"stored token for {principal} ({fingerprint(token)})")
+        return EXIT_OK
+
+    return _run_with_store(_settings(args), work)
+
+
+def _token_get(args: argparse.Namespace) -> int:
+    principal = _principal(args)
+
+    async def work(store: RedisTokenStore) -> int:
+        try:
+            token = await store.get_token(principal)
+        except StoredTokenInvalid:
+            raise CommandFailed(
+                f"the value under {store.token_key(principal)} is not a valid token; "
+                f"store a new one with: misskey-gateway token set {principal}"
+            ) from None
+        if token is None:
+            raise CommandFailed(f"no token stored for {principal}")
+        print(token if args.reveal else f"{principal} {fingerprint(token)}")
+        return EXIT_OK
+
+    return _run_with_store(_settings(args), work)
+
+
+def _token_delete(args: argparse.Namespace) -> int:
+    principal = _principal(args)
+
+    async def work(store: RedisTokenStore) -> int:
+        if not await store.delete_token(principal):
+            raise CommandFailed(f"no token stored for {principal}")
+        print(f"deleted token for {principal}")
+        return EXIT_OK
+
+    return _run_with_store(_settings(args), work)
+
+
+def _token_list(args: argparse.Namespace) -> int:
+    async def work(store: RedisTokenStore) -> int:
+        for principal in await store.principals():
+            print(principal)
+        return EXIT_OK
+
+    return _run_with_store(_settings(args), work)
+
+
+# jwt
+
+
+def _jwt_issue(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    principal = _principal(args)
+    ttl = settings.jwt.default_ttl if args.ttl is None else args.ttl
+    if ttl < 1:
+        raise CommandFailed(f"--ttl must be at least 1 second, not {ttl}")
+
+    if settings.jwt.secret or settings.jwt.public_key_file:
+        print(issue_jwt(settings.jwt, settings.jwt.secret, principal, args.scope, ttl))
+        return EXIT_OK
+
+    async def work(store: RedisTokenStore) -> int:
+        secret = await store.jwt_secret()
+        print(issue_jwt(settings.jwt, secret, principal, args.scope, ttl))
+        return EXIT_OK
+
+    return _run_with_store(settings, work)
+
+
+# policy
+
+
+def _policy_show(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    table = load_policy_table(settings.policy.file or None, settings.policy.endpoints)
+    name = args.endpoint.strip()
+    if name.startswith(API_PREFIX):
+        name = name[len(API_PREFIX) :]
+    name = name.lstrip("/")
+    policy = table.lookup(name)
+    print(f"endpoint:  {policy.endpoint}")
+    print(f"mode:      {policy.mode.value}")
+    print(f"kind:      {policy.kind or '-'}")
+    print(f"allow_get: {'true' if policy.allow_get else 'false'}")
+    print(f"source:    {policy.source}")
+    return EXIT_OK
+
+
+# check
+
+
+def _check(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    upstream_url = settings.require_upstream()
+    table = load_policy_table(settings.policy.file or None, settings.policy.endpoints)
+    print(f"config: ok ({len(table)} policy rows)")
+
+    async def work(store: RedisTokenStore) -> int:
+        await store.ping()
+        print(f"redis: ok ({redact_url(settings.redis.url)})")
+        version = await _check_upstream(settings)
+        print(f"upstream: ok ({upstream_url}, Misskey {version})")
+        return EXIT_OK
+
+    return _run_with_store(settings, work)
+
+
+async def _check_upstream(settings: Settings) -> str:
+    url = settings.upstream.url.rstrip("/") + "/api/meta"
+    timeout = aiohttp.ClientTimeout(
+        connect=settings.upstream.connect_timeout,
+        sock_read=settings.upstream.read_timeout,
+    )
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.post(url, json={"detail": False}) as response:
+                text = await response.text()
+                if response.status != 200:
+                    raise CommandFailed(
+                        f"upstream {url} answered HTTP {response.status}; "
+                        "is upstream.url the Misskey server's origin?"
+                    )
+    except TimeoutError:
+        raise CommandFailed(f"upstream {url} did not answer in time") from None
+    except aiohttp.ClientError as error:
+        raise CommandFailed(f"cannot reach upstream {url}: {error}") from None
+    try:
+        meta = json.loads(text)
+    except ValueError:
+        raise CommandFailed(
+            f"upstream {url} did not answer with JSON; is it a Misskey server?"
+        ) from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("version"), str):
+        raise CommandFailed(f"upstream {url} answered without a Misskey version")
+    return str(meta["version"])

@@ -1,0 +1,411 @@
+"""Gateway settings: a TOML file, then ``MISSKEY_GATEWAY_*`` environment variables.
+
+Every key ``[section] key`` can be set by the variable
+``MISSKEY_GATEWAY_<SECTION>_<KEY>``; ``MISSKEY_GATEWAY_HOST`` and
+``MISSKEY_GATEWAY_PORT`` are short forms of the ``[server]`` keys. Command-line
+options override both. Invalid settings raise ``ConfigError``, whose message
+names the key and never contains a secret's value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from gateway.policy import MODES, PolicyRow
+
+ENV_PREFIX = "MISSKEY_GATEWAY_"
+CONFIG_PATH_ENV = "MISSKEY_GATEWAY_CONFIG"
+SHORT_ENV_NAMES = {"HOST": ("server", "host"), "PORT": ("server", "port")}
+
+SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {
+        "RS256", "RS384", "RS512",
+        "PS256", "PS384", "PS512",
+        "ES256", "ES384", "ES512",
+        "EdDSA",
+    }
+)  # fmt: skip
+MIN_SECRET_LENGTH = 32
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "console")
+
+
+class ConfigError(Exception):
+    """An invalid or missing setting; ``key`` is its dotted name."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    max_body_size: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    url: str = ""
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    max_connections: int = 100
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "misskey-gateway:"
+    timeout: float = 2.0
+
+
+@dataclass(frozen=True)
+class JwtSettings:
+    algorithms: tuple[str, ...] = ("HS256",)
+    secret: str = field(default="", repr=False)
+    public_key_file: str = ""
+    issuer: str = ""
+    audience: str = ""
+    leeway: float = 30.0
+    default_ttl: int = 3600
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    file: str = ""
+    endpoints: Mapping[str, PolicyRow] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = "info"
+    format: str = "json"
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    jwt: JwtSettings = field(default_factory=JwtSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+    def require_upstream(self) -> str:
+        """Return the upstream URL, or raise if none is configured."""
+        if not self.upstream.url:
+            raise ConfigError(
+                "upstream.url",
+                "missing: set it in the config file, with "
+                "MISSKEY_GATEWAY_UPSTREAM_URL or with --upstream",
+            )
+        return self.upstream.url
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "server": ServerSettings,
+    "upstream": UpstreamSettings,
+    "redis": RedisSettings,
+    "jwt": JwtSettings,
+    "policy": PolicySettings,
+    "log": LogSettings,
+}
+SECRET_KEYS = frozenset({"jwt.secret", "redis.url"})
+
+
+def load_settings(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Read the TOML file at ``path``, then the environment, then ``overrides``.
+
+    ``overrides`` maps dotted keys (``"upstream.url"``) to values from the
+    command line; ``None`` values are skipped. Without ``path`` the file named
+    by ``MISSKEY_GATEWAY_CONFIG`` is read, if that variable is set.
+    """
+    environ = os.environ if environ is None else environ
+    if path is None and environ.get(CONFIG_PATH_ENV):
+        path = environ[CONFIG_PATH_ENV]
+
+    raw: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    if path is not None:
+        _merge_file(raw, Path(path))
+    _merge_environ(raw, environ)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            section, key = dotted.split(".", 1)
+            raw[section][key] = value
+    return _build(raw)
+
+
+def _merge_file(raw: dict[str, dict[str, Any]], path: Path) -> None:
+    try:
+        with path.open("rb") as handle:
+            document = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError("config", f"file not found: {path}") from None
+    except OSError as error:
+        raise ConfigError("config", f"cannot read {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError("config", f"invalid TOML in {path}: {error}") from None
+
+    for section, table in document.items():
+        if section not in SECTIONS:
+            known = ", ".join(SECTIONS)
+            raise ConfigError(section, f"unknown section (known: {known})")
+        if not isinstance(table, dict):
+            raise ConfigError(section, "must be a table")
+        raw[section].update(table)
+
+
+def _merge_environ(raw: dict[str, dict[str, Any]], environ: Mapping[str, str]) -> None:
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_PATH_ENV:
+            continue
+        suffix = name[len(ENV_PREFIX) :]
+        if suffix in SHORT_ENV_NAMES:
+            section, key = SHORT_ENV_NAMES[suffix]
+        else:
+            section, _, key = suffix.lower().partition("_")
+            if section not in SECTIONS or not key:
+                raise ConfigError(name, "unknown environment variable")
+        if key == "endpoints":
+            raise ConfigError(name, "policy rows can only be set in the config file")
+        raw[section][key] = _EnvValue(name, value)
+
+
+@dataclass(frozen=True)
+class _EnvValue:
+    """A setting read from the environment, converted once its type is known."""
+
+    name: str
+    text: str
+
+
+def _build(raw: dict[str, dict[str, Any]]) -> Settings:
+    sections: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in raw[section].items():
+            dotted = f"{section}.{key}"
+            if key not in fields:
+                raise ConfigError(dotted, f"unknown key in [{section}]")
+            if dotted == "policy.endpoints":
+                values[key] = _convert_policy_rows(value)
+            else:
+                default = fields[key].default
+                values[key] = _convert(dotted, value, default)
+        sections[section] = cls(**values)
+    settings = Settings(**sections)
+    _validate(settings)
+    return settings
+
+
+def _convert(dotted: str, value: Any, default: Any) -> Any:
+    """Convert a file or environment value to the type of the key's default."""
+    shown = "the value" if dotted in SECRET_KEYS else repr(_plain(value))
+    if isinstance(value, _EnvValue):
+        value = _parse_env_text(dotted, value, default)
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(dotted, f"must be true or false, not {shown}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(dotted, f"must be an integer, not {shown}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(dotted, f"must be a number, not {shown}")
+        if not math.isfinite(value):
+            raise ConfigError(dotted, "must be a finite number")
+        return float(value)
+    if isinstance(default, tuple):
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(item, str) for item in value
+        ):
+            raise ConfigError(dotted, f"must be a list of strings, not {shown}")
+        return tuple(value)
+    if not isinstance(value, str):
+        raise ConfigError(dotted, f"must be a string, not {shown}")
+    return value
+
+
+def _plain(value: Any) -> Any:
+    return value.text if isinstance(value, _EnvValue) else value
+
+
+def _parse_env_text(dotted: str, value: _EnvValue, default: Any) -> Any:
+    text = value.text.strip()
+    where = f"{dotted} (from {value.name})"
+    shown = "the value" if dotted in SECRET_KEYS else repr(value.text)
+    if isinstance(default, bool):
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(where, f"must be true or false, not {shown}")
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(where, f"must be an integer, not {shown}") from None
+    if isinstance(default, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(where, f"must be a number, not {shown}") from None
+    if isinstance(default, tuple):
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value.text
+
+
+def _convert_policy_rows(value: Any) -> dict[str, PolicyRow]:
+    if not isinstance(value, dict):
+        raise ConfigError("policy.endpoints", "must be a table of endpoint rows")
+    rows: dict[str, PolicyRow] = {}
+    for endpoint, row in value.items():
+        dotted = f'policy.endpoints."{endpoint}"'
+        if isinstance(row, str):
+            row = {"mode": row}
+        if not isinstance(row, dict):
+            raise ConfigError(
+                dotted, 'must be a mode string or a table like { mode = "required" }'
+            )
+        unknown = set(row) - {"mode", "kind", "allow_get"}
+        if unknown:
+            raise ConfigError(dotted, f"unknown keys: {', '.join(sorted(unknown))}")
+        mode = row.get("mode")
+        if mode is not None and mode not in MODES:
+            raise ConfigError(
+                f"{dotted}.mode", f"must be one of {', '.join(MODES)}, not {mode!r}"
+            )
+        kind = row.get("kind")
+        if kind is not None and not isinstance(kind, str):
+            raise ConfigError(f"{dotted}.kind", "must be a string")
+        allow_get = row.get("allow_get")
+        if allow_get is not None and not isinstance(allow_get, bool):
+            raise ConfigError(f"{dotted}.allow_get", "must be true or false")
+        rows[endpoint] = PolicyRow(mode=mode, kind=kind, allow_get=allow_get)
+    return rows
+
+
+def _validate(settings: Settings) -> None:
+    server, upstream, redis, jwt = (
+        settings.server,
+        settings.upstream,
+        settings.redis,
+        settings.jwt,
+    )
+    if not 0 <= server.port <= 65535:
+        raise ConfigError(
+            "server.port", f"must be between 0 and 65535, not {server.port}"
+        )
+    if server.workers < 1:
+        raise ConfigError("server.workers", f"must be at least 1, not {server.workers}")
+    if server.max_body_size < 1:
+        raise ConfigError("server.max_body_size", "must be a positive number of bytes")
+
+    if upstream.url:
+        _validate_upstream_url(upstream.url)
+    for key in ("connect_timeout", "read_timeout"):
+        if getattr(upstream, key) <= 0:
+            raise ConfigError(f"upstream.{key}", "must be a positive number of seconds")
+    if upstream.max_connections < 1:
+        raise ConfigError("upstream.max_connections", "must be at least 1")
+
+    scheme = urlsplit(redis.url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("redis.url", "must start with redis://, rediss:// or unix://")
+    if redis.timeout <= 0:
+        raise ConfigError("redis.timeout", "must be a positive number of seconds")
+
+    _validate_jwt(jwt)
+
+    if settings.log.level not in LOG_LEVELS:
+        raise ConfigError("log.level", f"must be one of {', '.join(LOG_LEVELS)}")
+    if settings.log.format not in LOG_FORMATS:
+        raise ConfigError("log.format", f"must be one of {', '.join(LOG_FORMATS)}")
+
+
+def _validate_upstream_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            "upstream.url", f"must be an http:// or https:// URL, not {url!r}"
+        )
+    if parts.username or parts.password:
+        raise ConfigError("upstream.url", "must not contain a user name or password")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(
+            "upstream.url",
+            "must be the server's origin without a path, "
+            f"like https://misskey.example, not {url!r}",
+        )
+    try:
+        parts.port  # noqa: B018 - raises ValueError for an invalid port
+    except ValueError:
+        raise ConfigError("upstream.url", f"has an invalid port: {url!r}") from None
+
+
+def _validate_jwt(jwt: JwtSettings) -> None:
+    if not jwt.algorithms:
+        raise ConfigError("jwt.algorithms", "must name at least one algorithm")
+    unknown = set(jwt.algorithms) - SYMMETRIC_ALGORITHMS - ASYMMETRIC_ALGORITHMS
+    if unknown:
+        raise ConfigError(
+            "jwt.algorithms", f"unsupported algorithm: {', '.join(sorted(unknown))}"
+        )
+    symmetric = set(jwt.algorithms) & SYMMETRIC_ALGORITHMS
+    asymmetric = set(jwt.algorithms) & ASYMMETRIC_ALGORITHMS
+    if symmetric and asymmetric:
+        # One key verifies every listed algorithm, so mixing the two families
+        # would let a token be signed with the public key as an HMAC secret.
+        raise ConfigError(
+            "jwt.algorithms", "must not mix HS* algorithms with public-key algorithms"
+        )
+    if symmetric and jwt.secret and len(jwt.secret) < MIN_SECRET_LENGTH:
+        raise ConfigError(
+            "jwt.secret", f"must be at least {MIN_SECRET_LENGTH} characters long"
+        )
+    if asymmetric and not jwt.public_key_file:
+        raise ConfigError(
+            "jwt.public_key_file", "missing: public-key algorithms need a PEM key file"
+        )
+    if jwt.public_key_file and not asymmetric:
+        raise ConfigError(
+            "jwt.public_key_file",
+            "is set, but jwt.algorithms lists no public-key algorithm",
+        )
+    if jwt.leeway < 0:
+        raise ConfigError("jwt.leeway", "must not be negative")
+    if jwt.default_ttl < 1:
+        raise ConfigError("jwt.default_ttl", "must be at least 1 second")
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with any password replaced, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    if parts.port is not None:
+        netloc = f"{netloc}:{parts.port}"
+    user = parts.username or ""
+    netloc = f"{user}:***@{netloc}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

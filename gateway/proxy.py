@@ -1,0 +1,329 @@
+"""The API request path: identify, route, authorize, fetch the token, rewrite, relay."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from gateway.config import Settings
+from gateway.credentials import JwtVerifier, Principal, read_public_key
+from gateway.errors import (
+    AccessDenied,
+    AuthenticationFailed,
+    CredentialRequired,
+    GatewayError,
+    InvalidRequest,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    PermissionDenied,
+    UnsupportedMediaType,
+)
+from gateway.policy import EndpointPolicy, Mode, PolicyTable, endpoint_from_path
+from gateway.rewrite import (
+    JsonBody,
+    parse_json_body,
+    rewrite_json_body,
+    strip_query_credential,
+)
+from gateway.store import RedisTokenStore
+from gateway.upstream import (
+    ClientDisconnected,
+    Relay,
+    UpstreamBodyFailed,
+    forward_request_headers,
+)
+
+logger = structlog.get_logger("gateway.request")
+
+REQUEST_ID_HEADER = "X-Request-Id"
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Content types whose body Misskey parses as JSON. A missing type and
+# text/plain are accepted too, because browsers' fetch() sends a string body
+# as text/plain unless told otherwise.
+JSON_MEDIA_TYPES = frozenset({"application/json", "text/plain", ""})
+
+
+@dataclass
+class RequestLog:
+    """Fields of the one summary event logged for each request."""
+
+    request_id: str
+    method: str
+    started: float = field(default_factory=time.perf_counter)
+    fields: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def new_request_id(request: web.Request) -> str:
+    candidate = request.headers.get(REQUEST_ID_HEADER, "")
+    if REQUEST_ID_PATTERN.fullmatch(candidate):
+        return candidate
+    return uuid.uuid4().hex
+
+
+def error_response(error: GatewayError, request_id: str) -> web.Response:
+    """Build the client response for an error the gateway answers itself."""
+    response = web.Response(
+        status=error.status,
+        body=json.dumps(error.envelope()).encode(),
+        content_type="application/json",
+        charset="utf-8",
+    )
+    response.headers.update(error.headers())
+    response.headers[REQUEST_ID_HEADER] = request_id
+    return response
+
+
+class ApiProxy:
+    """Handle every request under /api/."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        policy: PolicyTable,
+        store: RedisTokenStore,
+        relay: Relay,
+    ):
+        self._settings = settings
+        self._policy = policy
+        self._store = store
+        self._relay = relay
+        self._verifier: JwtVerifier | None = None
+        self._max_body_size = settings.server.max_body_size
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        log = RequestLog(request_id=new_request_id(request), method=request.method)
+        response: web.StreamResponse | None = None
+        try:
+            response = await self._handle(request, log)
+        except GatewayError as error:
+            log.fields["error"] = error.code
+            response = error_response(error, log.request_id)
+        except UpstreamBodyFailed as error:
+            log.fields["error"] = "UPSTREAM_BODY_FAILED"
+            log.fields["detail"] = str(error)
+            raise
+        except ClientDisconnected:
+            log.fields["error"] = "CLIENT_DISCONNECTED"
+            raise
+        except Exception:
+            logger.exception("request.failed", request_id=log.request_id)
+            log.fields["error"] = "INTERNAL_ERROR"
+            response = error_response(GatewayError(), log.request_id)
+        finally:
+            self._log_request(log, response)
+        return response
+
+    def _log_request(
+        self, log: RequestLog, response: web.StreamResponse | None
+    ) -> None:
+        duration_ms = (time.perf_counter() - log.started) * 1000
+        logger.info(
+            "request",
+            request_id=log.request_id,
+            method=log.method,
+            status=response.status if response is not None else None,
+            duration_ms=round(duration_ms, 3),
+            **log.fields,
+            **{name: round(value, 3) for name, value in log.timings.items()},
+        )
+
+    async def _handle(
+        self, request: web.Request, log: RequestLog
+    ) -> web.StreamResponse:
+        raw_path, _, raw_query = request.raw_path.partition("?")
+        endpoint = endpoint_from_path(raw_path)
+        log.fields["endpoint"] = endpoint
+        policy = self._policy.lookup(endpoint)
+        log.fields["mode"] = policy.mode.value
+
+        if policy.mode is Mode.DENY:
+            raise AccessDenied("This endpoint is not available through the gateway.")
+        method = request.method
+        if method in ("GET", "HEAD"):
+            if not policy.allow_get:
+                raise MethodNotAllowed(("POST",))
+            if policy.mode is Mode.REQUIRED:
+                # Misskey would read a token from the query of a GET, but a
+                # token in a URL ends up in access logs, so the gateway never
+                # puts one there.
+                raise MethodNotAllowed(
+                    ("POST",), "This endpoint needs a token; call it with POST."
+                )
+        elif method != "POST":
+            allowed = ("GET", "HEAD", "POST") if policy.allow_get else ("POST",)
+            raise MethodNotAllowed(allowed)
+
+        query = strip_query_credential(raw_query)
+        header_credential = self._header_credential(request)
+        body: JsonBody | None = None
+        if method == "POST":
+            body = parse_json_body(await self._read_body(request))
+            credential = self._pick_credential(
+                header_credential, self._body_credential(body)
+            )
+        else:
+            credential = self._pick_credential(header_credential, query.credential)
+
+        principal = await self._identify(credential, log)
+        # GET requests are forwarded without a token, for the reason above.
+        token = await self._authorize(policy, principal, log, fetch=body is not None)
+
+        headers = forward_request_headers(request.headers)
+        headers["X-Forwarded-For"] = request.remote or ""
+        headers["X-Forwarded-Proto"] = request.scheme
+        headers[REQUEST_ID_HEADER] = log.request_id
+        forwarded_body: bytes | None = None
+        if body is not None:
+            forwarded_body = rewrite_json_body(body, token)
+            if _media_type(request) in ("", "text/plain"):
+                headers["Content-Type"] = "application/json"
+        log.fields["token_injected"] = token is not None
+
+        target = f"/api/{endpoint}"
+        if query.query:
+            target = f"{target}?{query.query}"
+        response, upstream_status = await self._relay.relay(
+            request,
+            method,
+            target,
+            headers,
+            forwarded_body,
+            {REQUEST_ID_HEADER: log.request_id},
+            log.timings,
+        )
+        log.fields["upstream_status"] = upstream_status
+        return response
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        media_type = _media_type(request)
+        if media_type not in JSON_MEDIA_TYPES and not media_type.endswith("+json"):
+            if media_type.startswith("multipart/"):
+                raise UnsupportedMediaType(
+                    "Multipart bodies are not supported by this gateway; send JSON."
+                )
+            raise UnsupportedMediaType(
+                f"Unsupported content type {media_type!r}; send application/json."
+            )
+        if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+            # A compressed body cannot be checked or rewritten without
+            # inflating it, which the gateway does not do.
+            raise UnsupportedMediaType("Compressed request bodies are not supported.")
+
+        limit = self._max_body_size
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge(
+                f"The request body is larger than {limit} bytes.", {"limit": limit}
+            )
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(
+                    f"The request body is larger than {limit} bytes.", {"limit": limit}
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @staticmethod
+    def _header_credential(request: web.Request) -> str | None:
+        values = request.headers.getall("Authorization", [])
+        if not values:
+            return None
+        if len(values) > 1:
+            raise InvalidRequest("The request has more than one Authorization header.")
+        scheme, _, credential = values[0].strip().partition(" ")
+        credential = credential.strip()
+        if scheme.lower() != "bearer" or not credential:
+            raise AuthenticationFailed(
+                "The Authorization header must be 'Bearer' "
+                "followed by a gateway credential."
+            )
+        return credential
+
+    @staticmethod
+    def _body_credential(body: JsonBody) -> str | None:
+        value = body.credential
+        if value is None:
+            # Misskey treats "i": null as no token at all.
+            return None
+        if not isinstance(value, str):
+            raise InvalidRequest("The 'i' field must be a string.", {"param": "i"})
+        return value
+
+    @staticmethod
+    def _pick_credential(header: str | None, field_value: str | None) -> str | None:
+        if header is not None and field_value is not None and header != field_value:
+            raise InvalidRequest(
+                "The Authorization header and the 'i' field hold different credentials."
+            )
+        return header if header is not None else field_value
+
+    async def _identify(
+        self, credential: str | None, log: RequestLog
+    ) -> Principal | None:
+        if credential is None:
+            log.fields["principal"] = None
+            return None
+        verifier = self._verifier or await self._load_verifier()
+        principal = verifier.verify(credential)
+        log.fields["principal"] = principal.subject
+        return principal
+
+    async def _load_verifier(self) -> JwtVerifier:
+        jwt_settings = self._settings.jwt
+        key: str | bytes
+        if jwt_settings.public_key_file:
+            key = read_public_key(jwt_settings)
+        elif jwt_settings.secret:
+            key = jwt_settings.secret
+        else:
+            key = await self._store.jwt_secret()
+        self._verifier = JwtVerifier(jwt_settings, key)
+        return self._verifier
+
+    async def _authorize(
+        self,
+        policy: EndpointPolicy,
+        principal: Principal | None,
+        log: RequestLog,
+        fetch: bool,
+    ) -> str | None:
+        """Return the token to inject, None to forward anonymously, or raise.
+
+        With ``fetch`` false the checks still run but no token is read.
+        """
+        if policy.mode is Mode.NONE:
+            return None
+        if principal is None:
+            if policy.mode is Mode.REQUIRED:
+                raise CredentialRequired()
+            return None
+        if not principal.allows(policy.kind):
+            raise PermissionDenied(info={"kind": policy.kind})
+        if not fetch:
+            return None
+
+        started = time.perf_counter()
+        token = await self._store.get_token(principal.subject)
+        log.timings["store_ms"] = (time.perf_counter() - started) * 1000
+        if token is None and policy.mode is Mode.REQUIRED:
+            raise CredentialRequired(
+                "Credential required. No Misskey token is stored for this principal."
+            )
+        return token
+
+
+def _media_type(request: web.Request) -> str:
+    """Return the request's media type, or "" when it sent no Content-Type."""
+    if "Content-Type" not in request.headers:
+        return ""
+    return request.content_type.lower()

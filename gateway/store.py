@@ -1,0 +1,136 @@
+"""Token store: the Misskey token of each principal, kept in Redis.
+
+The token of principal P lives under ``<prefix>token:P`` as a plain string,
+so any tool that writes Redis can rotate it (``redis-cli SET``). The gateway
+reads it on every request, so a changed token is used on the next request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from gateway.config import RedisSettings, redact_url
+from gateway.errors import StoredTokenInvalid, StoreUnavailable
+
+# Misskey tokens are short alphanumeric strings; anything with whitespace,
+# control characters or non-ASCII text was stored by mistake and is never
+# forwarded.
+STORED_TOKEN_PATTERN = re.compile(r"[\x21-\x7e]{1,512}")
+JWT_SECRET_BYTES = 32
+
+
+def fingerprint(token: str) -> str:
+    """Return a short, non-reversible identifier of a token for display."""
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    return f"sha256:{digest[:16]}"
+
+
+def validate_token(token: str) -> str:
+    """Return ``token`` if it can be a Misskey token, else raise ValueError."""
+    if not STORED_TOKEN_PATTERN.fullmatch(token):
+        raise ValueError(
+            "a Misskey token is 1 to 512 printable ASCII characters without spaces"
+        )
+    return token
+
+
+class RedisTokenStore:
+    """Principal → Misskey token in Redis, under a key prefix."""
+
+    def __init__(self, settings: RedisSettings):
+        self.settings = settings
+        self.description = f"redis {redact_url(settings.url)}"
+        # One quick retry covers a connection that Redis closed while idle;
+        # more would hold requests during an outage that should be a fast 503.
+        self._client: redis.Redis = redis.Redis.from_url(
+            settings.url,
+            socket_timeout=settings.timeout,
+            socket_connect_timeout=settings.timeout,
+            retry=Retry(NoBackoff(), 1),
+            decode_responses=False,
+        )
+
+    def token_key(self, principal: str) -> str:
+        return f"{self.settings.prefix}token:{principal}"
+
+    @property
+    def jwt_secret_key(self) -> str:
+        return f"{self.settings.prefix}jwt:secret"
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def ping(self) -> None:
+        await self._call(self._client.ping)
+
+    async def get_token(self, principal: str) -> str | None:
+        """Return the stored token of ``principal``, or None if there is none."""
+        value = await self._call(self._client.get, self.token_key(principal))
+        if value is None:
+            return None
+        try:
+            return validate_token(value.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raise StoredTokenInvalid() from None
+
+    async def set_token(self, principal: str, token: str) -> None:
+        await self._call(
+            self._client.set, self.token_key(principal), validate_token(token)
+        )
+
+    async def delete_token(self, principal: str) -> bool:
+        """Delete the token of ``principal``; return whether one was stored."""
+        deleted = await self._call(self._client.delete, self.token_key(principal))
+        return bool(deleted)
+
+    async def principals(self) -> list[str]:
+        """Return every principal with a stored token, sorted."""
+        prefix = self.token_key("")
+        found: list[str] = []
+        try:
+            async for key in self._scan(prefix):
+                found.append(key.decode()[len(prefix) :])
+        except RedisError as error:
+            raise StoreUnavailable() from error
+        return sorted(found)
+
+    async def jwt_secret(self) -> bytes:
+        """Return the shared HS* secret kept in the store, creating it once.
+
+        Every replica that uses the same Redis and prefix reads the same
+        secret, so a JWT issued against one is valid on all of them.
+        """
+        key = self.jwt_secret_key
+        await self._call(
+            self._client.set, key, secrets.token_bytes(JWT_SECRET_BYTES), nx=True
+        )
+        secret = await self._call(self._client.get, key)
+        if not secret or len(secret) < JWT_SECRET_BYTES:
+            raise StoreUnavailable(
+                f"The JWT secret under {key} is missing or too short."
+            )
+        return bytes(secret)
+
+    async def _scan(self, prefix: str) -> AsyncIterator[bytes]:
+        pattern = _glob_escape(prefix) + "*"
+        async for key in self._client.scan_iter(match=pattern, count=500):
+            yield key
+
+    async def _call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(*args, **kwargs)
+        except RedisError as error:
+            raise StoreUnavailable() from error
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
