@@ -202,6 +202,8 @@ def _build(raw: dict[str, dict[str, Any]]) -> Settings:
         for key, value in raw[section].items():
             dotted = f"{section}.{key}"
             if key not in fields:
+                if isinstance(value, _EnvValue):
+                    dotted = f"{dotted} (from {value.name})"
                 raise ConfigError(dotted, f"unknown key in [{section}]")
             if dotted == "policy.endpoints":
                 values[key] = _convert_policy_rows(value)
