@@ -31,7 +31,7 @@ EXIT_USAGE = 2
 
 
 class CommandFailed(Exception):
-    """A command could not do its work; the message says why and what to do."""
+    """A command failed; the message states the cause and the next step."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -407,19 +407,19 @@ async def _check_upstream(settings: Settings) -> str:
                 text = await response.text()
                 if response.status != 200:
                     raise CommandFailed(
-                        f"upstream {url} answered HTTP {response.status}; "
+                        f"upstream {url} returned HTTP {response.status}; "
                         "is upstream.url the Misskey server's origin?"
                     )
     except TimeoutError:
-        raise CommandFailed(f"upstream {url} did not answer in time") from None
+        raise CommandFailed(f"upstream {url} timed out") from None
     except aiohttp.ClientError as error:
         raise CommandFailed(f"cannot reach upstream {url}: {error}") from None
     try:
         meta = json.loads(text)
     except ValueError:
         raise CommandFailed(
-            f"upstream {url} did not answer with JSON; is it a Misskey server?"
+            f"upstream {url} returned no JSON; is it a Misskey server?"
         ) from None
     if not isinstance(meta, dict) or not isinstance(meta.get("version"), str):
-        raise CommandFailed(f"upstream {url} answered without a Misskey version")
+        raise CommandFailed(f"upstream {url} returned no Misskey version")
     return str(meta["version"])

@@ -144,7 +144,8 @@ def read_public_key(settings: JwtSettings) -> bytes:
         ) from None
     if b"PRIVATE KEY" in key:
         raise ConfigError(
-            "jwt.public_key_file", f"{path} holds a private key; give the public key"
+            "jwt.public_key_file",
+            f"{path} contains a private key; configure the public key instead",
         )
     if b"-----BEGIN" not in key:
         raise ConfigError("jwt.public_key_file", f"{path} is not a PEM file")

@@ -1,4 +1,4 @@
-"""Errors the gateway answers itself, in Misskey's error envelope.
+"""Errors the gateway responds with itself, in Misskey's error envelope.
 
 Every error a client can see is a ``GatewayError`` subclass. Dependencies'
 exceptions (aiohttp client, redis, pyjwt) are translated at one boundary and
@@ -24,7 +24,7 @@ chained with ``from``, so request handling deals only with these types::
         └── UpstreamTimeout         504 UPSTREAM_TIMEOUT
 
 Codes and ids that Misskey itself uses keep Misskey's values, so SDKs map
-them as they map Misskey's own answers. The others are the gateway's own,
+them as they map Misskey's own errors. The others are the gateway's own,
 with fixed UUIDs that never change between releases.
 """
 
@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 
 
 class GatewayError(Exception):
-    """Root of every error answered by the gateway itself."""
+    """Root of every error the gateway responds with itself."""
 
     status: ClassVar[int] = 500
     code: ClassVar[str] = "INTERNAL_ERROR"
@@ -206,4 +206,4 @@ class UpstreamTimeout(UpstreamError):
     status = 504
     code = "UPSTREAM_TIMEOUT"
     error_id = "a71e5d08-3c9b-4f24-b6d1-8e2f0c4a9b57"
-    default_message = "The Misskey server did not answer in time."
+    default_message = "The Misskey server timed out."

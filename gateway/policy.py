@@ -4,11 +4,11 @@ Each row has a mode and, where Misskey has one, the permission kind that a
 principal's scope must include:
 
 - ``required``: inject the principal's stored token; without a principal or
-  without a stored token the request is answered 401 CREDENTIAL_REQUIRED;
+  without a stored token the response is 401 CREDENTIAL_REQUIRED;
 - ``optional``: inject the token when the principal has one, otherwise forward
   the request anonymously;
 - ``none``: never inject a token, and strip any ``i`` the client sent;
-- ``deny``: answer 403 ACCESS_DENIED and forward nothing.
+- ``deny``: respond 403 ACCESS_DENIED and forward nothing.
 
 The default table ships with the package (``config/policy.toml`` in the
 source tree). Operators override single rows in their config; endpoints

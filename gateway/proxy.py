@@ -46,7 +46,7 @@ REQUEST_ID_HEADER = "X-Request-Id"
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Content types whose body Misskey parses as JSON. A missing type and
 # text/plain are accepted too, because browsers' fetch() sends a string body
-# as text/plain unless told otherwise.
+# as text/plain when no Content-Type is set.
 JSON_MEDIA_TYPES = frozenset({"application/json", "text/plain", ""})
 
 
@@ -69,7 +69,7 @@ def new_request_id(request: web.Request) -> str:
 
 
 def error_response(error: GatewayError, request_id: str) -> web.Response:
-    """Build the client response for an error the gateway answers itself."""
+    """Build the client response for an error raised by the gateway itself."""
     response = web.Response(
         status=error.status,
         body=json.dumps(error.envelope()).encode(),

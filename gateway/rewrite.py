@@ -34,7 +34,7 @@ _scan_value = json.JSONDecoder(parse_constant=_reject_constant).scan_once  # typ
 class JsonBody:
     """A JSON object body and the position of each top-level member.
 
-    ``members`` holds ``(start, end)`` character offsets of every top-level
+    ``members`` contains the ``(start, end)`` character offsets of every top-level
     member in ``text``; ``credential_member`` is the index of the ``i`` member.
     """
 

@@ -126,11 +126,11 @@ class Relay:
         extra_response_headers: Mapping[str, str],
         timings: dict[str, float],
     ) -> tuple[web.StreamResponse, int]:
-        """Send the request upstream and stream the answer to the client.
+        """Send the request upstream and stream the response to the client.
 
         Returns the client response and the upstream status. Raises
-        UpstreamUnavailable or UpstreamTimeout when no answer arrived; once
-        the answer has started, failures end the client connection instead.
+        UpstreamUnavailable or UpstreamTimeout when no response arrived; once
+        the response has started, failures end the client connection instead.
         """
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -190,4 +190,4 @@ class UpstreamBodyFailed(Exception):
 
 
 class ClientDisconnected(Exception):
-    """The client closed its connection while the answer was relayed."""
+    """The client closed its connection while the response was relayed."""

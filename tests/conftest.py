@@ -1,0 +1,216 @@
+"""Shared fixtures: a throwaway Redis server, the fake Misskey, and the gateway."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import create_app
+from gateway.config import Settings, load_settings
+from gateway.credentials import issue_jwt
+from gateway.logs import configure_logging
+from gateway.store import RedisTokenStore
+from tests.fake_misskey import FakeMisskey
+
+JWT_SECRET = "test-secret-0123456789abcdef0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server process on a free loopback port, keeping nothing on disk."""
+
+    def __init__(self, directory: Path):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError(
+                "redis-server is not installed; run scripts/test to install it"
+            )
+        self.binary = binary
+        self.directory = directory
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(self.directory),
+                "--loglevel", "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline or self.process.poll() is not None:
+                        raise RuntimeError(
+                            f"redis-server did not start on {self.port}"
+                        ) from None
+                    time.sleep(0.02)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """A key prefix of its own for each test, so tests never see each other's keys."""
+    return f"test-{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture
+def log_output() -> Iterator[io.StringIO]:
+    """The gateway's rendered JSON log lines, captured for the test."""
+    buffer = io.StringIO()
+    configure_logging("debug", "json", stream=buffer, cache=False)
+    yield buffer
+    configure_logging("warning", "json", stream=io.StringIO(), cache=False)
+
+
+@pytest.fixture
+def fake_misskey() -> FakeMisskey:
+    return FakeMisskey()
+
+
+@pytest.fixture
+async def upstream_server(fake_misskey: FakeMisskey) -> AsyncIterator[TestServer]:
+    server = TestServer(fake_misskey.make_app(), host="127.0.0.1")
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+def make_settings(
+    redis_server: RedisServer, redis_prefix: str
+) -> Callable[..., Settings]:
+    """Build settings through the real loader; keyword arguments are dotted keys."""
+
+    def build(upstream_url: str, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "upstream.url": upstream_url,
+            "redis.url": redis_server.url,
+            "redis.prefix": redis_prefix,
+            "redis.timeout": 0.5,
+            "jwt.secret": JWT_SECRET,
+            "upstream.connect_timeout": 2.0,
+            "upstream.read_timeout": 5.0,
+        }
+        values.update(
+            {key.replace("__", "."): value for key, value in overrides.items()}
+        )
+        return load_settings(None, environ={}, overrides=values)
+
+    return build
+
+
+@dataclass
+class Gateway:
+    """A running gateway in front of the fake Misskey, with helpers for tests."""
+
+    client: TestClient[Any, Any]
+    fake: FakeMisskey
+    settings: Settings
+
+    @property
+    def url(self) -> str:
+        return str(self.client.make_url("")).rstrip("/")
+
+    def jwt(self, principal: str = "alice", scope: str = "*", ttl: int = 300) -> str:
+        return issue_jwt(self.settings.jwt, JWT_SECRET, principal, scope, ttl)
+
+    def bearer(self, principal: str = "alice", scope: str = "*") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.jwt(principal, scope)}"}
+
+    async def store_token(self, principal: str, token: str) -> None:
+        store = RedisTokenStore(self.settings.redis)
+        try:
+            await store.set_token(principal, token)
+        finally:
+            await store.close()
+
+    async def delete_token(self, principal: str) -> None:
+        store = RedisTokenStore(self.settings.redis)
+        try:
+            await store.delete_token(principal)
+        finally:
+            await store.close()
+
+
+@pytest.fixture
+async def start_gateway(
+    upstream_server: TestServer,
+    fake_misskey: FakeMisskey,
+    make_settings: Callable[..., Settings],
+) -> AsyncIterator[Callable[..., Any]]:
+    """Start a gateway; keyword arguments override settings by dotted key."""
+    clients: list[TestClient[Any, Any]] = []
+
+    async def start(**overrides: Any) -> Gateway:
+        upstream_url = overrides.pop("upstream_url", None) or str(
+            upstream_server.make_url("")
+        ).rstrip("/")
+        settings = make_settings(upstream_url, **overrides)
+        client: TestClient[Any, Any] = TestClient(
+            TestServer(create_app(settings), host="127.0.0.1")
+        )
+        await client.start_server()
+        clients.append(client)
+        return Gateway(client=client, fake=fake_misskey, settings=settings)
+
+    yield start
+    for client in clients:
+        await client.close()
+
+
+@pytest.fixture
+async def gateway(start_gateway: Callable[..., Any]) -> Gateway:
+    """A gateway with default settings, and alice's Misskey token stored."""
+    started: Gateway = await start_gateway()
+    started.fake.add_token("misskey-token-alice", "alice")
+    await started.store_token("alice", "misskey-token-alice")
+    return started

@@ -1,0 +1,268 @@
+"""A fake Misskey server that behaves like Misskey where the gateway depends on it.
+
+It follows Misskey 2025.7 to 2026.5 in these points: the token is read from
+``Authorization: Bearer`` (exact, case-sensitive prefix) before the ``i``
+field; a non-string ``i`` gets no response at all; a POST without a body is 400
+INVALID_PARAM; GET on an endpoint without ``allowGet`` is 405 with an empty
+body; errors use Misskey's envelope and 401s carry ``WWW-Authenticate``.
+Every request is recorded before it is handled, so tests can assert on
+exactly what Misskey would have seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+VERSION = "2026.5.4"
+
+
+@dataclass(frozen=True)
+class EndpointMeta:
+    require_credential: bool = False
+    kind: str | None = None
+    allow_get: bool = False
+    secure: bool = False
+
+
+ENDPOINTS: dict[str, EndpointMeta] = {
+    "i": EndpointMeta(require_credential=True, kind="read:account"),
+    "meta": EndpointMeta(),
+    "notes/create": EndpointMeta(require_credential=True, kind="write:notes"),
+    "notes/local-timeline": EndpointMeta(),
+    "notes/timeline": EndpointMeta(require_credential=True, kind="read:account"),
+    "notes/show": EndpointMeta(),
+    "users/show": EndpointMeta(),
+    "emojis": EndpointMeta(allow_get=True),
+    "server-info": EndpointMeta(allow_get=True),
+    "app/create": EndpointMeta(),
+    "auth/session/generate": EndpointMeta(),
+    "admin/meta": EndpointMeta(require_credential=True, kind="read:admin:meta"),
+    "i/regenerate-token": EndpointMeta(require_credential=True, secure=True),
+    "miauth/*/check": EndpointMeta(),
+}
+
+
+@dataclass(frozen=True)
+class Account:
+    username: str
+    permissions: frozenset[str]
+
+    @property
+    def user_id(self) -> str:
+        return f"id-{self.username}"
+
+
+@dataclass
+class Received:
+    """One request as the fake Misskey saw it."""
+
+    method: str
+    path: str
+    query_string: str
+    headers: CIMultiDict[str]
+    body: bytes
+    token: Any = None
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+
+Handler = Callable[[web.Request, "Received"], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class FakeMisskey:
+    accounts: dict[str, Account] = field(default_factory=dict)
+    received: list[Received] = field(default_factory=list)
+    # Extra handlers for test-only paths, by endpoint name; they run after the
+    # request is recorded and skip the token checks.
+    handlers: dict[str, Handler] = field(default_factory=dict)
+
+    def add_token(
+        self, token: str, username: str = "alice", permissions: tuple[str, ...] = ()
+    ) -> Account:
+        all_kinds = permissions or (
+            "read:account",
+            "write:notes",
+            "read:admin:meta",
+        )
+        account = Account(username=username, permissions=frozenset(all_kinds))
+        self.accounts[token] = account
+        return account
+
+    def remove_token(self, token: str) -> None:
+        self.accounts.pop(token, None)
+
+    def requests_to(self, endpoint: str) -> list[Received]:
+        return [r for r in self.received if r.path == f"/api/{endpoint}"]
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/api/{endpoint:.*}", self._handle)
+        return app
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        received = Received(
+            method=request.method,
+            path=request.raw_path.partition("?")[0],
+            query_string=request.raw_path.partition("?")[2],
+            headers=CIMultiDict(request.headers),
+            body=body,
+        )
+        self.received.append(received)
+        endpoint = request.match_info["endpoint"]
+
+        custom = self.handlers.get(endpoint)
+        if custom is not None:
+            return await custom(request, received)
+
+        meta = self._meta(endpoint)
+        if meta is None:
+            return _error(
+                404,
+                "UNKNOWN_API_ENDPOINT",
+                "2ca3b769-540a-4f08-9dd5-b5a825b6d0f1",
+                "Unknown API endpoint.",
+            )
+        if request.method == "GET":
+            if not meta.allow_get:
+                return web.Response(status=405)
+            params: dict[str, Any] = dict(request.query)
+        else:
+            if not body:
+                return _error(
+                    400,
+                    "INVALID_PARAM",
+                    "3d81ceae-475f-4600-b2a8-2bc116157532",
+                    "Invalid param.",
+                )
+            try:
+                params = json.loads(body)
+            except ValueError:
+                return _error(
+                    400,
+                    "INVALID_PARAM",
+                    "3d81ceae-475f-4600-b2a8-2bc116157532",
+                    "Invalid param.",
+                )
+            if not isinstance(params, dict):
+                return _error(
+                    400,
+                    "INVALID_PARAM",
+                    "3d81ceae-475f-4600-b2a8-2bc116157532",
+                    "Invalid param.",
+                )
+
+        authorization = request.headers.get("Authorization")
+        if authorization is not None and authorization.startswith("Bearer "):
+            token: Any = authorization[len("Bearer ") :]
+        else:
+            token = params.get("i")
+        received.token = token
+        if token is not None and not isinstance(token, str):
+            # Misskey sets 400 and never sends a response for this.
+            await asyncio.Event().wait()
+
+        account = None
+        if token is not None:
+            account = self.accounts.get(token)
+            if account is None:
+                response = _error(
+                    401,
+                    "AUTHENTICATION_FAILED",
+                    "b0a7f5f8-dc2f-4171-b91f-de88ad238e14",
+                    "Authentication failed. Please ensure your token is correct.",
+                )
+                response.headers["WWW-Authenticate"] = (
+                    'Bearer realm="Misskey", error="invalid_token"'
+                )
+                return response
+        if meta.secure:
+            return _error(
+                403,
+                "ACCESS_DENIED",
+                "56f35758-7dd5-468b-8439-5d6fb8ec9b8e",
+                "Access denied.",
+                kind="permission",
+            )
+        if meta.require_credential and account is None:
+            response = _error(
+                401,
+                "CREDENTIAL_REQUIRED",
+                "1384574d-a912-4b81-8601-c7b1c4085df1",
+                "Credential required.",
+            )
+            response.headers["WWW-Authenticate"] = 'Bearer realm="Misskey"'
+            return response
+        if account is not None and meta.kind and meta.kind not in account.permissions:
+            return _error(
+                403,
+                "PERMISSION_DENIED",
+                "1370e5b7-d4eb-4566-bb1d-7748ee6a1838",
+                "Your app does not have the necessary permissions to use this endpoint.",
+                kind="permission",
+            )
+        return web.json_response(self._answer(endpoint, params, account, request))
+
+    @staticmethod
+    def _meta(endpoint: str) -> EndpointMeta | None:
+        if endpoint in ENDPOINTS:
+            return ENDPOINTS[endpoint]
+        parts = endpoint.split("/")
+        if len(parts) == 3 and parts[0] == "miauth" and parts[2] == "check":
+            return ENDPOINTS["miauth/*/check"]
+        return None
+
+    @staticmethod
+    def _answer(
+        endpoint: str,
+        params: dict[str, Any],
+        account: Account | None,
+        request: web.Request,
+    ) -> Any:
+        user = (
+            {
+                "id": account.user_id,
+                "username": account.username,
+                "name": account.username,
+            }
+            if account
+            else None
+        )
+        note = {
+            "id": "note-1",
+            "text": params.get("text", "hello"),
+            "userId": account.user_id if account else "id-bob",
+            "visibility": "public",
+        }
+        if endpoint == "i":
+            return user
+        if endpoint == "meta":
+            return {
+                "name": "Fake Misskey",
+                "version": VERSION,
+                "uri": str(request.url.origin()),
+            }
+        if endpoint == "notes/create":
+            return {"createdNote": note}
+        if endpoint in ("notes/local-timeline", "notes/timeline"):
+            return [note]
+        return {"endpoint": endpoint, "user": user, "params": params}
+
+
+def _error(
+    status: int, code: str, error_id: str, message: str, kind: str = "client"
+) -> web.Response:
+    return web.json_response(
+        {"error": {"message": message, "code": code, "id": error_id, "kind": kind}},
+        status=status,
+    )

@@ -1,0 +1,187 @@
+"""Outages of Redis and of the upstream: clear errors, never an anonymous request."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiohttp import web
+
+from tests.conftest import RedisServer, free_port
+
+STORED = "misskey-token-alice"
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_redis_unreachable_is_503(start_gateway):
+    gateway = await start_gateway(**{"redis.url": f"redis://127.0.0.1:{free_port()}/0"})
+    response = await gateway.client.post("/api/i", json={}, headers=gateway.bearer())
+    error = (await response.json())["error"]
+
+    assert response.status == 503
+    assert error["code"] == "TOKEN_STORE_UNAVAILABLE"
+    assert response.headers["Retry-After"] == "1"
+    assert gateway.fake.received == []
+
+
+async def test_redis_down_optional_never_anonymous(start_gateway):
+    gateway = await start_gateway(**{"redis.url": f"redis://127.0.0.1:{free_port()}/0"})
+    response = await gateway.client.post("/api/meta", json={}, headers=gateway.bearer())
+
+    assert response.status == 503
+    assert gateway.fake.received == []
+
+
+async def test_redis_down_anonymous_request_served(start_gateway):
+    gateway = await start_gateway(**{"redis.url": f"redis://127.0.0.1:{free_port()}/0"})
+    response = await gateway.client.post("/api/meta", json={})
+
+    assert response.status == 200
+
+
+async def test_redis_stopped_then_restarted(start_gateway, own_redis):
+    gateway = await start_gateway(**{"redis.url": own_redis.url})
+    gateway.fake.add_token(STORED, "alice")
+    await gateway.store_token("alice", STORED)
+
+    before = await gateway.client.post("/api/i", json={}, headers=gateway.bearer())
+    own_redis.stop()
+    during = await gateway.client.post("/api/i", json={}, headers=gateway.bearer())
+    ready_during = await gateway.client.get("/_gateway/readyz")
+    own_redis.start()
+    await gateway.store_token("alice", STORED)  # the restarted server kept nothing
+    after = await gateway.client.post("/api/i", json={}, headers=gateway.bearer())
+
+    assert before.status == 200
+    assert during.status == 503
+    assert ready_during.status == 503
+    assert (await ready_during.json())["failing"] == ["redis"]
+    assert after.status == 200
+    assert len(gateway.fake.requests_to("i")) == 2
+
+
+async def test_stored_token_malformed_never_forwarded(gateway):
+    import redis.asyncio as redis
+
+    client = redis.Redis.from_url(gateway.settings.redis.url)
+    await client.set(f"{gateway.settings.redis.prefix}token:alice", b"has space")
+    await client.aclose()
+    response = await gateway.client.post("/api/i", json={}, headers=gateway.bearer())
+
+    assert response.status == 500
+    assert (await response.json())["error"]["code"] == "STORED_TOKEN_INVALID"
+    assert gateway.fake.received == []
+
+
+async def test_upstream_refused_is_502(start_gateway):
+    gateway = await start_gateway(upstream_url=f"http://127.0.0.1:{free_port()}")
+    await gateway.store_token("alice", STORED)
+    response = await gateway.client.post("/api/i", json={}, headers=gateway.bearer())
+
+    assert response.status == 502
+    assert (await response.json())["error"]["code"] == "UPSTREAM_UNAVAILABLE"
+
+
+async def test_upstream_timeout_is_504(start_gateway):
+    gateway = await start_gateway(**{"upstream.read_timeout": 0.3})
+    await gateway.store_token("alice", STORED)
+
+    async def slow(request, received):
+        await asyncio.sleep(5)
+        return web.json_response({})
+
+    gateway.fake.handlers["fake/slow"] = slow
+    started = asyncio.get_running_loop().time()
+    response = await gateway.client.post(
+        "/api/fake/slow", json={}, headers=gateway.bearer()
+    )
+    elapsed = asyncio.get_running_loop().time() - started
+
+    assert response.status == 504
+    assert (await response.json())["error"]["code"] == "UPSTREAM_TIMEOUT"
+    assert elapsed < 3
+
+
+async def test_upstream_closes_without_answer_is_502(gateway):
+    async def drop(request, received):
+        request.transport.close()
+        await asyncio.sleep(1)
+        return web.Response()
+
+    gateway.fake.handlers["fake/drop"] = drop
+    response = await gateway.client.post(
+        "/api/fake/drop", json={}, headers=gateway.bearer()
+    )
+
+    assert response.status == 502
+
+
+async def test_upstream_body_cut_short_cuts_client(gateway):
+    async def truncated(request, received):
+        response = web.StreamResponse(headers={"Content-Length": "1000"})
+        await response.prepare(request)
+        await response.write(b"x" * 100)
+        request.transport.close()
+        return response
+
+    gateway.fake.handlers["fake/truncated"] = truncated
+    response = await gateway.client.post(
+        "/api/fake/truncated", json={}, headers=gateway.bearer()
+    )
+
+    assert response.status == 200
+    with pytest.raises(Exception):  # noqa: B017 - aiohttp raises one of several errors
+        await response.read()
+
+    # The gateway keeps serving afterwards.
+    after = await gateway.client.post("/api/meta", json={})
+    assert after.status == 200
+
+
+async def test_gateway_serves_after_client_disconnect(gateway):
+    started = asyncio.Event()
+
+    async def slow_body(request, received):
+        response = web.StreamResponse()
+        await response.prepare(request)
+        started.set()
+        for _ in range(50):
+            await response.write(b"x" * 1024)
+            await asyncio.sleep(0.01)
+        return response
+
+    gateway.fake.handlers["fake/slow-body"] = slow_body
+    server = gateway.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(
+        b"POST /api/fake/slow-body HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {gateway.jwt()}\r\n".encode()
+        + b"Content-Length: 2\r\n\r\n{}"
+    )
+    await writer.drain()
+    await asyncio.wait_for(started.wait(), 5)
+    await reader.read(100)
+    writer.close()
+
+    response = await gateway.client.post("/api/meta", json={})
+    assert response.status == 200
+
+
+async def test_healthz_ok(gateway):
+    response = await gateway.client.get("/_gateway/healthz")
+
+    assert response.status == 200
+    assert await response.json() == {"status": "ok"}
+
+
+async def test_readyz_ok(gateway):
+    response = await gateway.client.get("/_gateway/readyz")
+
+    assert response.status == 200
