@@ -12,14 +12,14 @@ from gateway.config import Settings
 from gateway.errors import GatewayError, NoSuchEndpoint, StoreUnavailable
 from gateway.policy import PolicyTable, load_policy_table
 from gateway.proxy import ApiProxy, error_response, new_request_id
-from gateway.store import RedisTokenStore
+from gateway.store import TokenStore, open_store
 from gateway.upstream import Relay, create_session
 
 logger = structlog.get_logger("gateway")
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
 POLICY_KEY = web.AppKey("policy", PolicyTable)
-STORE_KEY = web.AppKey("store", RedisTokenStore)
+STORE_KEY = web.AppKey("store", TokenStore)
 UPSTREAM_KEY = web.AppKey("upstream", aiohttp.ClientSession)
 PROXY_KEY = web.AppKey("proxy", ApiProxy)
 
@@ -48,7 +48,7 @@ def create_app(
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS_KEY]
-    store = RedisTokenStore(settings.redis)
+    store = open_store(settings)
     session = create_session(settings.upstream)
     app[STORE_KEY] = store
     app[UPSTREAM_KEY] = session
@@ -77,10 +77,11 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
+    store = request.app[STORE_KEY]
     try:
-        await request.app[STORE_KEY].ping()
+        await store.ping()
     except StoreUnavailable:
         return web.json_response(
-            {"status": "unavailable", "failing": ["redis"]}, status=503
+            {"status": "unavailable", "failing": [store.kind]}, status=503
         )
     return web.json_response({"status": "ok"})

@@ -18,12 +18,18 @@ from aiohttp import web
 
 from gateway import __version__
 from gateway.app import POLICY_KEY, create_app
-from gateway.config import ConfigError, Settings, load_settings, redact_url
+from gateway.config import ConfigError, Settings, load_settings
 from gateway.credentials import issue_jwt, validate_principal
 from gateway.errors import StoredTokenInvalid, StoreUnavailable
 from gateway.logs import configure_logging
 from gateway.policy import API_PREFIX, load_policy_table
-from gateway.store import RedisTokenStore, fingerprint, validate_token
+from gateway.store import (
+    TokenStore,
+    describe_store,
+    fingerprint,
+    open_store,
+    validate_token,
+)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -51,7 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="TOML config file (default: $MISSKEY_GATEWAY_CONFIG, if set)",
     )
     config.add_argument(
-        "--redis-url", metavar="URL", help="Redis URL of the token store"
+        "--store",
+        metavar="URL",
+        help="token store: redis://…, rediss://…, unix://… or sqlite:///PATH "
+        "(default: SQLite in the XDG data directory)",
+    )
+    config.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help="Redis URL of the token store (same as --store)",
     )
 
     serve = commands.add_parser("serve", parents=[config], help="run the gateway")
@@ -152,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {
+        "store.url": args.store,
         "redis.url": args.redis_url,
         "server.host": getattr(args, "host", None),
         "server.port": getattr(args, "port", None),
@@ -162,17 +177,16 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _run_with_store(
-    settings: Settings, work: Callable[[RedisTokenStore], Awaitable[int]]
+    settings: Settings, work: Callable[[TokenStore], Awaitable[int]]
 ) -> int:
     async def run() -> int:
-        store = RedisTokenStore(settings.redis)
+        store = open_store(settings)
         try:
             return await work(store)
         except StoreUnavailable as error:
             cause = error.__cause__ or error
-            where = redact_url(settings.redis.url)
             raise CommandFailed(
-                f"cannot reach the token store at {where}: {cause}"
+                f"cannot reach the token store ({store.description}): {cause}"
             ) from None
         finally:
             await store.close()
@@ -220,7 +234,7 @@ def _run_worker(settings: Settings, reuse_port: bool) -> None:
         host=settings.server.host,
         port=settings.server.port,
         upstream=settings.upstream.url,
-        store=f"redis {redact_url(settings.redis.url)}",
+        store=describe_store(settings),
         policy_rows=len(policy),
         policy_misskey_version=policy.misskey_version,
     )
@@ -287,7 +301,7 @@ def _token_set(args: argparse.Namespace) -> int:
     principal = _principal(args)
     token = _read_token_input()
 
-    async def work(store: RedisTokenStore) -> int:
+    async def work(store: TokenStore) -> int:
         await store.set_token(principal, token)
         print(f"stored token for {principal} ({fingerprint(token)})")
         return EXIT_OK
@@ -298,12 +312,12 @@ def _token_set(args: argparse.Namespace) -> int:
 def _token_get(args: argparse.Namespace) -> int:
     principal = _principal(args)
 
-    async def work(store: RedisTokenStore) -> int:
+    async def work(store: TokenStore) -> int:
         try:
             token = await store.get_token(principal)
         except StoredTokenInvalid:
             raise CommandFailed(
-                f"the value under {store.token_key(principal)} is not a valid token; "
+                f"the stored value for {principal} is not a valid token; "
                 f"store a new one with: misskey-gateway token set {principal}"
             ) from None
         if token is None:
@@ -317,7 +331,7 @@ def _token_get(args: argparse.Namespace) -> int:
 def _token_delete(args: argparse.Namespace) -> int:
     principal = _principal(args)
 
-    async def work(store: RedisTokenStore) -> int:
+    async def work(store: TokenStore) -> int:
         if not await store.delete_token(principal):
             raise CommandFailed(f"no token stored for {principal}")
         print(f"deleted token for {principal}")
@@ -327,7 +341,7 @@ def _token_delete(args: argparse.Namespace) -> int:
 
 
 def _token_list(args: argparse.Namespace) -> int:
-    async def work(store: RedisTokenStore) -> int:
+    async def work(store: TokenStore) -> int:
         for principal in await store.principals():
             print(principal)
         return EXIT_OK
@@ -349,7 +363,7 @@ def _jwt_issue(args: argparse.Namespace) -> int:
         print(issue_jwt(settings.jwt, settings.jwt.secret, principal, args.scope, ttl))
         return EXIT_OK
 
-    async def work(store: RedisTokenStore) -> int:
+    async def work(store: TokenStore) -> int:
         secret = await store.jwt_secret()
         print(issue_jwt(settings.jwt, secret, principal, args.scope, ttl))
         return EXIT_OK
@@ -385,9 +399,9 @@ def _check(args: argparse.Namespace) -> int:
     table = load_policy_table(settings.policy.file or None, settings.policy.endpoints)
     print(f"config: ok ({len(table)} policy rows)")
 
-    async def work(store: RedisTokenStore) -> int:
+    async def work(store: TokenStore) -> int:
         await store.ping()
-        print(f"redis: ok ({redact_url(settings.redis.url)})")
+        print(f"store: ok ({store.description})")
         version = await _check_upstream(settings)
         print(f"upstream: ok ({upstream_url}, Misskey {version})")
         return EXIT_OK

@@ -64,8 +64,15 @@ class UpstreamSettings:
 
 
 @dataclass(frozen=True)
+class StoreSettings:
+    # Empty: redis.url when that is set, else SQLite at the default location.
+    url: str = ""
+    poll_interval: float = 1.0
+
+
+@dataclass(frozen=True)
 class RedisSettings:
-    url: str = "redis://127.0.0.1:6379/0"
+    url: str = ""
     prefix: str = "misskey-gateway:"
     timeout: float = 2.0
 
@@ -97,6 +104,7 @@ class LogSettings:
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     jwt: JwtSettings = field(default_factory=JwtSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
@@ -116,12 +124,16 @@ class Settings:
 SECTIONS: dict[str, type[Any]] = {
     "server": ServerSettings,
     "upstream": UpstreamSettings,
+    "store": StoreSettings,
     "redis": RedisSettings,
     "jwt": JwtSettings,
     "policy": PolicySettings,
     "log": LogSettings,
 }
-SECRET_KEYS = frozenset({"jwt.secret", "redis.url"})
+SECRET_KEYS = frozenset({"jwt.secret", "redis.url", "store.url"})
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+SQLITE_SCHEME = "sqlite"
+DEFAULT_DATABASE_NAME = "store.db"
 
 
 def load_settings(
@@ -147,7 +159,7 @@ def load_settings(
         if value is not None:
             section, key = dotted.split(".", 1)
             raw[section][key] = value
-    return _build(raw)
+    return _build(raw, environ)
 
 
 def _merge_file(raw: dict[str, dict[str, Any]], path: Path) -> None:
@@ -194,7 +206,7 @@ class _EnvValue:
     text: str
 
 
-def _build(raw: dict[str, dict[str, Any]]) -> Settings:
+def _build(raw: dict[str, dict[str, Any]], environ: Mapping[str, str]) -> Settings:
     sections: dict[str, Any] = {}
     for section, cls in SECTIONS.items():
         fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -211,9 +223,54 @@ def _build(raw: dict[str, dict[str, Any]]) -> Settings:
                 default = fields[key].default
                 values[key] = _convert(dotted, value, default)
         sections[section] = cls(**values)
+    sections["store"] = _resolve_store(sections["store"], sections["redis"], environ)
     settings = Settings(**sections)
     _validate(settings)
     return settings
+
+
+def _resolve_store(
+    store: StoreSettings, redis: RedisSettings, environ: Mapping[str, str]
+) -> StoreSettings:
+    """Fill in ``store.url``: the setting itself, else ``redis.url``, else SQLite."""
+    if store.url and redis.url and store.url != redis.url:
+        raise ConfigError(
+            "store.url", "conflicts with redis.url; set only one of the two"
+        )
+    url = store.url or redis.url
+    if not url:
+        url = f"{SQLITE_SCHEME}:///{default_database_path(environ)}"
+    return dataclasses.replace(store, url=url)
+
+
+def default_database_path(environ: Mapping[str, str]) -> Path:
+    """Return the embedded store's default file, in the XDG data directory."""
+    data_home = environ.get("XDG_DATA_HOME", "")
+    if not data_home or not Path(data_home).is_absolute():
+        # The XDG spec says to ignore a relative XDG_DATA_HOME.
+        home = environ.get("HOME") or str(Path.home())
+        data_home = str(Path(home) / ".local" / "share")
+    return Path(data_home) / "misskey-gateway" / DEFAULT_DATABASE_NAME
+
+
+def store_kind(url: str) -> str:
+    """Return "redis" or "sqlite" for a resolved ``store.url``."""
+    return SQLITE_SCHEME if urlsplit(url).scheme == SQLITE_SCHEME else "redis"
+
+
+def sqlite_path(url: str) -> Path:
+    """Return the file of a ``sqlite:///PATH`` URL.
+
+    As in SQLAlchemy, three slashes start a relative path and four an
+    absolute one: ``sqlite:///data/store.db``, ``sqlite:////var/lib/store.db``.
+    """
+    prefix = f"{SQLITE_SCHEME}:///"
+    if not url.startswith(prefix) or len(url) == len(prefix):
+        raise ConfigError(
+            "store.url",
+            "a SQLite URL is sqlite:///relative/path or sqlite:////absolute/path",
+        )
+    return Path(url[len(prefix) :])
 
 
 def _convert(dotted: str, value: Any, default: Any) -> Any:
@@ -331,9 +388,19 @@ def _validate(settings: Settings) -> None:
     if upstream.max_connections < 1:
         raise ConfigError("upstream.max_connections", "must be at least 1")
 
-    scheme = urlsplit(redis.url).scheme
-    if scheme not in ("redis", "rediss", "unix"):
+    if redis.url and _scheme("redis.url", redis.url) not in REDIS_SCHEMES:
         raise ConfigError("redis.url", "must start with redis://, rediss:// or unix://")
+    store = settings.store
+    scheme = _scheme("store.url", store.url)
+    if scheme == SQLITE_SCHEME:
+        sqlite_path(store.url)
+    elif scheme not in REDIS_SCHEMES:
+        raise ConfigError(
+            "store.url",
+            "must start with redis://, rediss://, unix:// or sqlite:///",
+        )
+    if store.poll_interval < 0:
+        raise ConfigError("store.poll_interval", "must not be negative")
     if redis.timeout <= 0:
         raise ConfigError("redis.timeout", "must be a positive number of seconds")
 
@@ -345,11 +412,24 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("log.format", f"must be one of {', '.join(LOG_FORMATS)}")
 
 
+def _scheme(key: str, url: str) -> str:
+    """Return the scheme of a URL setting; raise ConfigError if it is malformed."""
+    try:
+        return urlsplit(url).scheme
+    except ValueError:
+        # urlsplit rejects malformed IPv6 hosts; the URL may contain a password.
+        raise ConfigError(key, "is not a valid URL") from None
+
+
 def _validate_upstream_url(url: str) -> None:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ConfigError("upstream.url", "is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(
-            "upstream.url", f"must be an http:// or https:// URL, not {url!r}"
+            "upstream.url",
+            f"must be an http:// or https:// URL, not {redact_url(url)!r}",
         )
     if parts.username or parts.password:
         raise ConfigError("upstream.url", "must not contain a user name or password")
@@ -357,12 +437,14 @@ def _validate_upstream_url(url: str) -> None:
         raise ConfigError(
             "upstream.url",
             "must be the server's origin without a path, "
-            f"like https://misskey.example, not {url!r}",
+            f"like https://misskey.example, not {redact_url(url)!r}",
         )
     try:
         parts.port  # noqa: B018 - raises ValueError for an invalid port
     except ValueError:
-        raise ConfigError("upstream.url", f"has an invalid port: {url!r}") from None
+        raise ConfigError(
+            "upstream.url", f"has an invalid port: {redact_url(url)!r}"
+        ) from None
 
 
 def _validate_jwt(jwt: JwtSettings) -> None:
@@ -402,12 +484,12 @@ def _validate_jwt(jwt: JwtSettings) -> None:
 
 def redact_url(url: str) -> str:
     """Return ``url`` with any password replaced, for logs and messages."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<invalid URL>"
     if parts.password is None:
         return url
-    netloc = parts.hostname or ""
-    if parts.port is not None:
-        netloc = f"{netloc}:{parts.port}"
-    user = parts.username or ""
-    netloc = f"{user}:***@{netloc}"
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{parts.username or ''}:***@{host}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

@@ -32,7 +32,7 @@ from gateway.rewrite import (
     rewrite_json_body,
     strip_query_credential,
 )
-from gateway.store import RedisTokenStore
+from gateway.store import TokenStore
 from gateway.upstream import (
     ClientDisconnected,
     Relay,
@@ -88,7 +88,7 @@ class ApiProxy:
         self,
         settings: Settings,
         policy: PolicyTable,
-        store: RedisTokenStore,
+        store: TokenStore,
         relay: Relay,
     ):
         self._settings = settings

@@ -1,24 +1,30 @@
-"""Token store: the Misskey token of each principal, kept in Redis.
+"""Token stores: the Misskey token of each principal.
 
-The token of principal P lives under ``<prefix>token:P`` as a plain string,
-so any tool that writes Redis can rotate it (``redis-cli SET``). The gateway
-reads it on every request, so a changed token is used on the next request.
+Two implementations share the ``TokenStore`` interface, chosen by
+``store.url``: Redis for shared deployments (``RedisTokenStore``, here) and an
+embedded SQLite file for a single machine (``gateway.sqlite_store``).
+
+In Redis the token of principal P lives under ``<prefix>token:P`` as a plain
+string, so any tool that writes Redis can rotate it (``redis-cli SET``). The
+gateway reads it on every request, so a changed token is used on the next
+request.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import secrets
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from gateway.config import RedisSettings, redact_url
+from gateway.config import RedisSettings, Settings, redact_url, sqlite_path, store_kind
 from gateway.errors import StoredTokenInvalid, StoreUnavailable
 
 # Misskey tokens are short alphanumeric strings; anything with whitespace,
@@ -43,8 +49,52 @@ def validate_token(token: str) -> str:
     return token
 
 
+class TokenStore(Protocol):
+    """Where the gateway keeps Misskey tokens and its generated JWT secret.
+
+    Every method raises StoreUnavailable when the store cannot be reached.
+    """
+
+    kind: str
+    description: str
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None: ...
+
+    async def get_token(self, principal: str) -> str | None: ...
+
+    async def set_token(self, principal: str, token: str) -> None: ...
+
+    async def delete_token(self, principal: str) -> bool: ...
+
+    async def principals(self) -> list[str]: ...
+
+    async def jwt_secret(self) -> bytes: ...
+
+
+def open_store(settings: Settings) -> TokenStore:
+    """Create the store that ``store.url`` names; connections open on first use."""
+    url = settings.store.url
+    if store_kind(url) == "sqlite":
+        from gateway.sqlite_store import SqliteTokenStore
+
+        return SqliteTokenStore(sqlite_path(url), settings.store.poll_interval)
+    return RedisTokenStore(dataclasses.replace(settings.redis, url=url))
+
+
+def describe_store(settings: Settings) -> str:
+    """Return the store kind and location, with any password masked."""
+    url = settings.store.url
+    if store_kind(url) == "sqlite":
+        return f"sqlite {sqlite_path(url).resolve()}"
+    return f"redis {redact_url(url)}"
+
+
 class RedisTokenStore:
     """Principal → Misskey token in Redis, under a key prefix."""
+
+    kind = "redis"
 
     def __init__(self, settings: RedisSettings):
         self.settings = settings

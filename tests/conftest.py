@@ -21,7 +21,7 @@ from gateway.app import create_app
 from gateway.config import Settings, load_settings
 from gateway.credentials import issue_jwt
 from gateway.logs import configure_logging
-from gateway.store import RedisTokenStore
+from gateway.store import open_store
 from tests.fake_misskey import FakeMisskey
 
 JWT_SECRET = "test-secret-0123456789abcdef0123456789abcdef"
@@ -124,16 +124,37 @@ async def upstream_server(fake_misskey: FakeMisskey) -> AsyncIterator[TestServer
     await server.close()
 
 
+@pytest.fixture(params=["redis", "sqlite"])
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """The token store kind; gateway tests run once against each.
+
+    Tests that only make sense for one kind parametrize this fixture
+    indirectly: ``@pytest.mark.parametrize("store_backend", ["redis"], indirect=True)``.
+    """
+    return str(request.param)
+
+
 @pytest.fixture
-def make_settings(
-    redis_server: RedisServer, redis_prefix: str
-) -> Callable[..., Settings]:
+def store_url(
+    store_backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> str:
+    if store_backend == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        return server.url
+    return f"sqlite:///{tmp_path / 'store' / 'tokens.db'}"
+
+
+@pytest.fixture
+def make_settings(store_url: str, redis_prefix: str) -> Callable[..., Settings]:
     """Build settings through the real loader; keyword arguments are dotted keys."""
 
     def build(upstream_url: str, **overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "upstream.url": upstream_url,
-            "redis.url": redis_server.url,
+            "store.url": store_url,
+            # Check the embedded store for changes on every request, so a
+            # token written by the test is seen by the very next request.
+            "store.poll_interval": 0.0,
             "redis.prefix": redis_prefix,
             "redis.timeout": 0.5,
             "jwt.secret": JWT_SECRET,
@@ -167,14 +188,15 @@ class Gateway:
         return {"Authorization": f"Bearer {self.jwt(principal, scope)}"}
 
     async def store_token(self, principal: str, token: str) -> None:
-        store = RedisTokenStore(self.settings.redis)
+        """Write a token through a store of its own, as another process would."""
+        store = open_store(self.settings)
         try:
             await store.set_token(principal, token)
         finally:
             await store.close()
 
     async def delete_token(self, principal: str) -> None:
-        store = RedisTokenStore(self.settings.redis)
+        store = open_store(self.settings)
         try:
             await store.delete_token(principal)
         finally:

@@ -208,7 +208,8 @@ class FakeMisskey:
                 403,
                 "PERMISSION_DENIED",
                 "1370e5b7-d4eb-4566-bb1d-7748ee6a1838",
-                "Your app does not have the necessary permissions to use this endpoint.",
+                "Your app does not have the necessary permissions "
+                "to use this endpoint.",
                 kind="permission",
             )
         return web.json_response(self._answer(endpoint, params, account, request))

@@ -10,6 +10,7 @@ from aiohttp import web
 from tests.conftest import RedisServer, free_port
 
 STORED = "misskey-token-alice"
+redis_only = pytest.mark.parametrize("store_backend", ["redis"], indirect=True)
 
 
 @pytest.fixture
@@ -20,8 +21,9 @@ def own_redis(tmp_path):
     server.stop()
 
 
+@redis_only
 async def test_redis_unreachable_is_503(start_gateway):
-    gateway = await start_gateway(**{"redis.url": f"redis://127.0.0.1:{free_port()}/0"})
+    gateway = await start_gateway(**{"store.url": f"redis://127.0.0.1:{free_port()}/0"})
     response = await gateway.client.post("/api/i", json={}, headers=gateway.bearer())
     error = (await response.json())["error"]
 
@@ -31,23 +33,26 @@ async def test_redis_unreachable_is_503(start_gateway):
     assert gateway.fake.received == []
 
 
+@redis_only
 async def test_redis_down_optional_never_anonymous(start_gateway):
-    gateway = await start_gateway(**{"redis.url": f"redis://127.0.0.1:{free_port()}/0"})
+    gateway = await start_gateway(**{"store.url": f"redis://127.0.0.1:{free_port()}/0"})
     response = await gateway.client.post("/api/meta", json={}, headers=gateway.bearer())
 
     assert response.status == 503
     assert gateway.fake.received == []
 
 
+@redis_only
 async def test_redis_down_anonymous_request_served(start_gateway):
-    gateway = await start_gateway(**{"redis.url": f"redis://127.0.0.1:{free_port()}/0"})
+    gateway = await start_gateway(**{"store.url": f"redis://127.0.0.1:{free_port()}/0"})
     response = await gateway.client.post("/api/meta", json={})
 
     assert response.status == 200
 
 
+@redis_only
 async def test_redis_stopped_then_restarted(start_gateway, own_redis):
-    gateway = await start_gateway(**{"redis.url": own_redis.url})
+    gateway = await start_gateway(**{"store.url": own_redis.url})
     gateway.fake.add_token(STORED, "alice")
     await gateway.store_token("alice", STORED)
 
@@ -67,10 +72,11 @@ async def test_redis_stopped_then_restarted(start_gateway, own_redis):
     assert len(gateway.fake.requests_to("i")) == 2
 
 
+@redis_only
 async def test_stored_token_malformed_never_forwarded(gateway):
     import redis.asyncio as redis
 
-    client = redis.Redis.from_url(gateway.settings.redis.url)
+    client = redis.Redis.from_url(gateway.settings.store.url)
     await client.set(f"{gateway.settings.redis.prefix}token:alice", b"has space")
     await client.aclose()
     response = await gateway.client.post("/api/i", json={}, headers=gateway.bearer())
@@ -161,7 +167,8 @@ async def test_gateway_serves_after_client_disconnect(gateway):
     server = gateway.client.server
     reader, writer = await asyncio.open_connection(server.host, server.port)
     writer.write(
-        b"POST /api/fake/slow-body HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /api/fake/slow-body HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\n"
         + f"Authorization: Bearer {gateway.jwt()}\r\n".encode()
         + b"Content-Length: 2\r\n\r\n{}"
     )
@@ -185,3 +192,18 @@ async def test_readyz_ok(gateway):
     response = await gateway.client.get("/_gateway/readyz")
 
     assert response.status == 200
+
+
+@pytest.mark.parametrize("store_backend", ["sqlite"], indirect=True)
+async def test_sqlite_unusable_is_503(start_gateway, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    gateway = await start_gateway(**{"store.url": f"sqlite:///{blocker}/tokens.db"})
+    response = await gateway.client.post("/api/i", json={}, headers=gateway.bearer())
+    ready = await gateway.client.get("/_gateway/readyz")
+
+    assert response.status == 503
+    assert (await response.json())["error"]["code"] == "TOKEN_STORE_UNAVAILABLE"
+    assert ready.status == 503
+    assert (await ready.json())["failing"] == ["sqlite"]
+    assert gateway.fake.received == []

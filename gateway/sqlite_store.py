@@ -1,0 +1,200 @@
+"""Embedded token store: one SQLite file for a single gateway machine.
+
+The database runs in WAL mode, so the gateway keeps reading while another
+process (``misskey-gateway token set``) writes. Each process keeps the tokens
+in memory and asks SQLite at most every ``poll_interval`` seconds whether any
+connection changed the file (``PRAGMA data_version``), so a token written by
+another process is used within that bound. SQLite calls run on one worker
+thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import sqlite3
+import stat
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+import structlog
+
+from gateway.errors import StoredTokenInvalid, StoreUnavailable
+from gateway.store import JWT_SECRET_BYTES, validate_token
+
+T = TypeVar("T")
+
+logger = structlog.get_logger("gateway.store")
+
+SCHEMA_VERSION = 1
+SCHEMA_STATEMENTS = (
+    "CREATE TABLE IF NOT EXISTS tokens ("
+    " principal TEXT PRIMARY KEY, token TEXT NOT NULL, updated_at REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
+)
+JWT_SECRET_NAME = "jwt"  # noqa: S105 - a row name, not a secret
+# Seconds a write waits for another process's write to finish.
+BUSY_TIMEOUT_SECONDS = 5.0
+
+
+def prepare_database_file(path: Path) -> None:
+    """Create the database file and its folder readable by the owner only.
+
+    Existing files keep their permissions; the gateway only warns about them
+    (see ``loose_permissions``).
+    """
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+    if not path.exists():
+        descriptor = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+        os.close(descriptor)
+
+
+def loose_permissions(path: Path) -> bool:
+    """Return whether group or others may read or write the database file."""
+    mode = path.stat().st_mode
+    return bool(mode & (stat.S_IRWXG | stat.S_IRWXO))
+
+
+class SqliteTokenStore:
+    """Principal → Misskey token in a local SQLite file."""
+
+    kind = "sqlite"
+
+    def __init__(self, path: Path, poll_interval: float = 1.0):
+        self.path = path
+        self.description = f"sqlite {path.resolve()}"
+        self._poll_interval = poll_interval
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="sqlite-store"
+        )
+        self._connection: sqlite3.Connection | None = None
+        self._tokens: dict[str, str] | None = None
+        self._data_version: int | None = None
+        self._checked_at = 0.0
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._run(self._connection.close)
+            self._connection = None
+        self._executor.shutdown(wait=True)
+
+    async def ping(self) -> None:
+        await self._run(lambda: self._db().execute("SELECT 1").fetchone())
+
+    async def get_token(self, principal: str) -> str | None:
+        """Return the stored token of ``principal``, or None if there is none."""
+        now = time.monotonic()
+        if self._tokens is None or now - self._checked_at >= self._poll_interval:
+            self._tokens = await self._run(self._refresh)
+            self._checked_at = now
+        token = self._tokens.get(principal)
+        if token is None:
+            return None
+        try:
+            return validate_token(token)
+        except ValueError:
+            raise StoredTokenInvalid() from None
+
+    async def set_token(self, principal: str, token: str) -> None:
+        validate_token(token)
+
+        def write() -> None:
+            with self._db() as db:
+                db.execute(
+                    "INSERT INTO tokens (principal, token, updated_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (principal) DO UPDATE"
+                    " SET token = excluded.token, updated_at = excluded.updated_at",
+                    (principal, token, time.time()),
+                )
+
+        await self._run(write)
+        self._tokens = None
+
+    async def delete_token(self, principal: str) -> bool:
+        """Delete the token of ``principal``; return whether one was stored."""
+
+        def delete() -> bool:
+            with self._db() as db:
+                cursor = db.execute(
+                    "DELETE FROM tokens WHERE principal = ?", (principal,)
+                )
+                return cursor.rowcount > 0
+
+        deleted = await self._run(delete)
+        self._tokens = None
+        return deleted
+
+    async def principals(self) -> list[str]:
+        """Return every principal with a stored token, sorted."""
+
+        def read() -> list[str]:
+            rows = self._db().execute("SELECT principal FROM tokens ORDER BY principal")
+            return [row[0] for row in rows]
+
+        return await self._run(read)
+
+    async def jwt_secret(self) -> bytes:
+        """Return the HS* secret kept in the database, creating it once."""
+
+        def read_or_create() -> bytes:
+            with self._db() as db:
+                db.execute(
+                    "INSERT OR IGNORE INTO secrets (name, value) VALUES (?, ?)",
+                    (JWT_SECRET_NAME, secrets.token_bytes(JWT_SECRET_BYTES)),
+                )
+                row = db.execute(
+                    "SELECT value FROM secrets WHERE name = ?", (JWT_SECRET_NAME,)
+                ).fetchone()
+            return bytes(row[0])
+
+        secret = await self._run(read_or_create)
+        if len(secret) < JWT_SECRET_BYTES:
+            raise StoreUnavailable(f"The JWT secret in {self.path} is too short.")
+        return secret
+
+    def _refresh(self) -> dict[str, str]:
+        """Reload every token if another connection changed the file."""
+        db = self._db()
+        version = db.execute("PRAGMA data_version").fetchone()[0]
+        if self._tokens is not None and version == self._data_version:
+            return self._tokens
+        rows = db.execute("SELECT principal, token FROM tokens").fetchall()
+        self._data_version = version
+        return {principal: token for principal, token in rows}
+
+    def _db(self) -> sqlite3.Connection:
+        if self._connection is None:
+            prepare_database_file(self.path)
+            if loose_permissions(self.path):
+                logger.warning(
+                    "store.permissions",
+                    path=str(self.path),
+                    detail="group or others can access the token database; "
+                    "run chmod 600 on it",
+                )
+            connection = sqlite3.connect(
+                self.path,
+                timeout=BUSY_TIMEOUT_SECONDS,
+                check_same_thread=False,
+            )
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute("PRAGMA synchronous = NORMAL")
+            # DDL runs outside transactions here; IF NOT EXISTS makes it safe
+            # when several processes open a new file at once.
+            for statement in SCHEMA_STATEMENTS:
+                connection.execute(statement)
+            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._connection = connection
+        return self._connection
+
+    async def _run(self, work: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, work)
+        except (sqlite3.Error, OSError) as error:
+            raise StoreUnavailable() from error
