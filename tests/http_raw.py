@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+READ_TIMEOUT_SECONDS = 10
+
 
 @dataclass
 class RawResponse:
@@ -19,9 +21,7 @@ class RawResponse:
         return None
 
 
-async def send_raw(
-    host: str, port: int, request: bytes, timeout: float = 10
-) -> RawResponse:
+async def send_raw(host: str, port: int, request: bytes) -> RawResponse:
     """Send ``request`` as is on a new connection and read one response.
 
     The request should carry ``Connection: close`` so the response ends with
@@ -31,7 +31,7 @@ async def send_raw(
     try:
         writer.write(request)
         await writer.drain()
-        data = await asyncio.wait_for(reader.read(), timeout)
+        data = await asyncio.wait_for(reader.read(), READ_TIMEOUT_SECONDS)
     finally:
         writer.close()
     head, _, body = data.partition(b"\r\n\r\n")
