@@ -7,6 +7,7 @@ import asyncio
 import getpass
 import json
 import multiprocessing
+import multiprocessing.connection
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -238,16 +239,42 @@ def _run_worker(settings: Settings, reuse_port: bool) -> None:
         policy_rows=len(policy),
         policy_misskey_version=policy.misskey_version,
     )
-    web.run_app(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        reuse_port=reuse_port,
-        access_log=None,
-        print=None,
-        handle_signals=True,
-    )
+    try:
+        web.run_app(
+            app,
+            loop=new_event_loop(),
+            host=settings.server.host,
+            port=settings.server.port,
+            reuse_port=reuse_port,
+            access_log=None,
+            print=None,
+            handle_signals=True,
+        )
+    except OSError as error:
+        where = f"{settings.server.host}:{settings.server.port}"
+        logger.error("gateway.listen_failed", address=where, error=str(error))
+        raise CommandFailed(
+            f"cannot listen on {where}: {error.strerror or error}"
+        ) from None
     logger.info("gateway.stopped")
+
+
+def _worker_main(settings: Settings) -> None:
+    """Run one worker process of ``serve --workers N``."""
+    try:
+        _run_worker(settings, reuse_port=True)
+    except CommandFailed as error:
+        print(f"misskey-gateway: {error}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """Return a uvloop event loop where uvloop is installed, else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 def _run_workers(settings: Settings, workers: int) -> int:
@@ -258,23 +285,34 @@ def _run_workers(settings: Settings, workers: int) -> int:
     """
     context = multiprocessing.get_context("spawn")
     processes = [
-        context.Process(
-            target=_run_worker, args=(settings, True), name=f"worker-{index}"
-        )
+        context.Process(target=_worker_main, args=(settings,), name=f"worker-{index}")
         for index in range(workers)
     ]
-    for process in processes:
-        process.start()
+    stopping = False
 
-    def stop(signum: int, frame: Any) -> None:
+    def stop(signum: int = signal.SIGTERM, frame: Any = None) -> None:
+        nonlocal stopping
+        stopping = True
         for process in processes:
-            if process.is_alive() and process.pid is not None:
+            if process.pid is not None and process.is_alive():
                 process.terminate()
 
+    # Handlers first, so a signal during start-up cannot orphan a worker.
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     for process in processes:
-        process.join()
+        process.start()
+
+    running = list(processes)
+    while running:
+        for sentinel in multiprocessing.connection.wait([p.sentinel for p in running]):
+            exited = next(p for p in running if p.sentinel == sentinel)
+            exited.join()
+            running.remove(exited)
+            if not stopping and exited.exitcode != 0:
+                # One worker failed: stop the others rather than run short.
+                stop()
+
     failed = [p.name for p in processes if p.exitcode not in (0, -signal.SIGTERM)]
     if failed:
         print(f"misskey-gateway: workers failed: {', '.join(failed)}", file=sys.stderr)

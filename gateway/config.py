@@ -40,7 +40,12 @@ LOG_FORMATS = ("json", "console")
 
 
 class ConfigError(Exception):
-    """An invalid or missing setting; ``key`` is its dotted name."""
+    """An invalid or missing setting.
+
+    ``key`` is the setting's dotted name, followed by ``(from VARIABLE)`` when
+    the value came from an environment variable, or the variable's name alone
+    when no setting matches it.
+    """
 
     def __init__(self, key: str, message: str):
         self.key = key

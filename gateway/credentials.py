@@ -53,10 +53,21 @@ def parse_scope(scope: str) -> frozenset[str]:
     return frozenset(scope.split())
 
 
-class JwtVerifier:
-    """Verify gateway JWTs with one key and a fixed algorithm allowlist."""
+@dataclass(frozen=True)
+class _VerifiedJwt:
+    principal: Principal
+    expires_at: float
 
-    def __init__(self, settings: JwtSettings, key: str | bytes):
+
+class JwtVerifier:
+    """Verify gateway JWTs with one key and a fixed algorithm allowlist.
+
+    A JWT whose signature and claims passed is remembered, keyed by its exact
+    text, until it expires, so a client that sends the same JWT again skips
+    the signature check. Expiry is still checked on every use.
+    """
+
+    def __init__(self, settings: JwtSettings, key: str | bytes, cache_size: int = 4096):
         self._settings = settings
         self._key = key
         self._algorithms = list(settings.algorithms)
@@ -66,9 +77,26 @@ class JwtVerifier:
         if settings.audience:
             required.append("aud")
         self._options: Options = {"require": required}
+        self._cache: dict[str, _VerifiedJwt] = {}
+        self._cache_size = cache_size
 
     def verify(self, credential: str) -> Principal:
         """Return the principal a JWT names, or raise AuthenticationFailed."""
+        cached = self._cache.get(credential)
+        if cached is not None:
+            if time.time() <= cached.expires_at:
+                return cached.principal
+            del self._cache[credential]
+            raise AuthenticationFailed("The credential has expired.")
+
+        principal, expires_at = self._decode(credential)
+        if len(self._cache) >= self._cache_size:
+            # Dicts keep insertion order: drop the oldest entry.
+            del self._cache[next(iter(self._cache))]
+        self._cache[credential] = _VerifiedJwt(principal, expires_at)
+        return principal
+
+    def _decode(self, credential: str) -> tuple[Principal, float]:
         if len(credential) > MAX_CREDENTIAL_LENGTH or not JWT_SHAPE.fullmatch(
             credential
         ):
@@ -96,7 +124,9 @@ class JwtVerifier:
             raise AuthenticationFailed("The credential names no valid principal.")
         if not isinstance(scope, str):
             raise AuthenticationFailed("The credential's scope claim is not a string.")
-        return Principal(subject=subject, scopes=parse_scope(scope))
+        # pyjwt has checked that exp is a number; nbf, if present, has passed.
+        expires_at = float(claims["exp"]) + self._settings.leeway
+        return Principal(subject=subject, scopes=parse_scope(scope)), expires_at
 
 
 def issue_jwt(

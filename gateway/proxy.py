@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,7 +65,7 @@ def new_request_id(request: web.Request) -> str:
     candidate = request.headers.get(REQUEST_ID_HEADER, "")
     if REQUEST_ID_PATTERN.fullmatch(candidate):
         return candidate
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def error_response(error: GatewayError, request_id: str) -> web.Response:

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from gateway.config import RedisSettings, Settings, redact_url, sqlite_path, store_kind
 from gateway.errors import StoredTokenInvalid, StoreUnavailable
@@ -124,11 +124,18 @@ class RedisTokenStore:
 
     async def get_token(self, principal: str) -> str | None:
         """Return the stored token of ``principal``, or None if there is none."""
-        value = await self._call(self._client.get, self.token_key(principal))
+        try:
+            value = await self._client.get(self.token_key(principal))
+        except ResponseError as error:
+            # WRONGTYPE: the key holds a hash, list or set, not a string.
+            raise StoredTokenInvalid() from error
+        except RedisError as error:
+            raise StoreUnavailable() from error
         if value is None:
             return None
         try:
-            return validate_token(value.decode("ascii"))
+            text = value.decode("ascii") if isinstance(value, bytes) else value
+            return validate_token(text)
         except (UnicodeDecodeError, ValueError):
             raise StoredTokenInvalid() from None
 

@@ -28,6 +28,15 @@ AUTH_FLOW_ENDPOINTS = (
     "auth/session/userkey",
 )
 
+# Rows whose metadata is looser than the handler. admin/accounts/create
+# declares no credential because it creates the first admin account, but once
+# users exist its handler demands an administrator. Through the gateway a
+# stored administrator token would be injected for any principal, so the
+# gateway asks for the kind Misskey uses for account administration.
+METADATA_OVERRIDES = {
+    "admin/accounts/create": ("required", "write:admin:account"),
+}
+
 # Routes that Misskey serves under /api/ outside its endpoint table, so they
 # are missing from the metadata file.
 EXTRA_ROWS = {
@@ -85,11 +94,10 @@ def render(rows: list[dict[str, str]], version: str) -> str:
     ]
     entries: dict[str, tuple[str, str, bool]] = {}
     for row in rows:
-        entries[row["endpoint"]] = (
-            classify(row),
-            row["kind"],
-            row["allowGet"] == TRUE,
+        mode, kind = METADATA_OVERRIDES.get(
+            row["endpoint"], (classify(row), row["kind"])
         )
+        entries[row["endpoint"]] = (mode, kind, row["allowGet"] == TRUE)
     for name, entry in EXTRA_ROWS.items():
         if name in entries:
             raise ValueError(f"{name} is already in the metadata file")
