@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import aiohttp
 import structlog
 from aiohttp import web
 
@@ -12,15 +11,16 @@ from gateway.config import Settings
 from gateway.errors import GatewayError, NoSuchEndpoint, StoreUnavailable
 from gateway.policy import PolicyTable, load_policy_table
 from gateway.proxy import ApiProxy, error_response, new_request_id
-from gateway.store import TokenStore, open_store
-from gateway.upstream import Relay, create_session
+from gateway.store import TokenStore, open_serving_store
+from gateway.upstream import Relay, create_pool
+from gateway.upstream_pool import UpstreamPool
 
 logger = structlog.get_logger("gateway")
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
 POLICY_KEY = web.AppKey("policy", PolicyTable)
 STORE_KEY = web.AppKey("store", TokenStore)
-UPSTREAM_KEY = web.AppKey("upstream", aiohttp.ClientSession)
+UPSTREAM_KEY = web.AppKey("upstream", UpstreamPool)
 PROXY_KEY = web.AppKey("proxy", ApiProxy)
 
 
@@ -48,15 +48,15 @@ def create_app(
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS_KEY]
-    store = open_store(settings)
-    session = create_session(settings.upstream)
+    store = open_serving_store(settings)
+    pool = create_pool(settings.upstream)
     app[STORE_KEY] = store
-    app[UPSTREAM_KEY] = session
-    app[PROXY_KEY] = ApiProxy(settings, app[POLICY_KEY], store, Relay(session))
+    app[UPSTREAM_KEY] = pool
+    app[PROXY_KEY] = ApiProxy(settings, app[POLICY_KEY], store, Relay(pool))
     try:
         yield
     finally:
-        await session.close()
+        await pool.close()
         await store.close()
 
 

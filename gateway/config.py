@@ -65,6 +65,9 @@ class UpstreamSettings:
     url: str = ""
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
+    # Idle keep-alive connections are closed after this many seconds, before
+    # the upstream closes them (Node.js does so after 5 seconds by default).
+    idle_timeout: float = 4.0
     max_connections: int = 100
 
 
@@ -73,6 +76,9 @@ class StoreSettings:
     # Empty: redis.url when that is set, else SQLite at the default location.
     url: str = ""
     poll_interval: float = 1.0
+    # Redis: seconds a token stays in the per-process cache when no rotation
+    # message arrives; 0 reads Redis on every request.
+    cache_ttl: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -387,7 +393,7 @@ def _validate(settings: Settings) -> None:
 
     if upstream.url:
         _validate_upstream_url(upstream.url)
-    for key in ("connect_timeout", "read_timeout"):
+    for key in ("connect_timeout", "read_timeout", "idle_timeout"):
         if getattr(upstream, key) <= 0:
             raise ConfigError(f"upstream.{key}", "must be a positive number of seconds")
     if upstream.max_connections < 1:
@@ -406,6 +412,8 @@ def _validate(settings: Settings) -> None:
         )
     if store.poll_interval < 0:
         raise ConfigError("store.poll_interval", "must not be negative")
+    if store.cache_ttl < 0:
+        raise ConfigError("store.cache_ttl", "must not be negative")
     if redis.timeout <= 0:
         raise ConfigError("redis.timeout", "must be a positive number of seconds")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -61,11 +62,17 @@ class RequestLog:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+# Generated request ids: a random prefix per process and a counter, unique
+# across processes without a system call per request.
+_REQUEST_ID_PREFIX = os.urandom(8).hex()
+_request_counter = itertools.count(1)
+
+
 def new_request_id(request: web.Request) -> str:
     candidate = request.headers.get(REQUEST_ID_HEADER, "")
     if REQUEST_ID_PATTERN.fullmatch(candidate):
         return candidate
-    return os.urandom(16).hex()
+    return f"{_REQUEST_ID_PREFIX}{next(_request_counter):016x}"
 
 
 def error_response(error: GatewayError, request_id: str) -> web.Response:
@@ -177,14 +184,15 @@ class ApiProxy:
         token = await self._authorize(policy, principal, log, fetch=body is not None)
 
         headers = forward_request_headers(request.headers)
-        headers["X-Forwarded-For"] = request.remote or ""
-        headers["X-Forwarded-Proto"] = request.scheme
-        headers[REQUEST_ID_HEADER] = log.request_id
         forwarded_body: bytes | None = None
         if body is not None:
             forwarded_body = rewrite_json_body(body, token)
             if _media_type(request) in ("", "text/plain"):
-                headers["Content-Type"] = "application/json"
+                headers = [(n, v) for n, v in headers if n.lower() != "content-type"]
+                headers.append(("Content-Type", "application/json"))
+        headers.append(("X-Forwarded-For", request.remote or ""))
+        headers.append(("X-Forwarded-Proto", request.scheme))
+        headers.append((REQUEST_ID_HEADER, log.request_id))
         log.fields["token_injected"] = token is not None
 
         target = f"/api/{endpoint}"
@@ -222,16 +230,14 @@ class ApiProxy:
             raise PayloadTooLarge(
                 f"The request body is larger than {limit} bytes.", {"limit": limit}
             )
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(
-                    f"The request body is larger than {limit} bytes.", {"limit": limit}
-                )
-            chunks.append(chunk)
-        return b"".join(chunks)
+        try:
+            # The application's client_max_size is the same limit, so a
+            # chunked body is refused as soon as it grows past it.
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise PayloadTooLarge(
+                f"The request body is larger than {limit} bytes.", {"limit": limit}
+            ) from None
 
     @staticmethod
     def _header_credential(request: web.Request) -> str | None:

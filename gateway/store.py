@@ -83,6 +83,18 @@ def open_store(settings: Settings) -> TokenStore:
     return RedisTokenStore(dataclasses.replace(settings.redis, url=url))
 
 
+def open_serving_store(settings: Settings) -> TokenStore:
+    """Create the store for ``serve``: with Redis, behind the rotation cache."""
+    store = open_store(settings)
+    if isinstance(store, RedisTokenStore) and settings.store.cache_ttl > 0:
+        from gateway.token_cache import CachedTokenStore
+
+        cached = CachedTokenStore(store, settings.store.cache_ttl)
+        cached.start()
+        return cached
+    return store
+
+
 def describe_store(settings: Settings) -> str:
     """Return the store kind and location, with any password masked."""
     url = settings.store.url
@@ -139,15 +151,45 @@ class RedisTokenStore:
         except (UnicodeDecodeError, ValueError):
             raise StoredTokenInvalid() from None
 
+    @property
+    def rotation_channel(self) -> str:
+        """The pub/sub channel that announces changed tokens, by principal."""
+        return f"{self.settings.prefix}rotations"
+
     async def set_token(self, principal: str, token: str) -> None:
-        await self._call(
-            self._client.set, self.token_key(principal), validate_token(token)
-        )
+        """Store the token and announce the change to every gateway replica."""
+        validate_token(token)
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.set(self.token_key(principal), token)
+                pipe.publish(self.rotation_channel, principal)
+                await pipe.execute()
+        except RedisError as error:
+            raise StoreUnavailable() from error
 
     async def delete_token(self, principal: str) -> bool:
         """Delete the token of ``principal``; return whether one was stored."""
-        deleted = await self._call(self._client.delete, self.token_key(principal))
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete(self.token_key(principal))
+                pipe.publish(self.rotation_channel, principal)
+                deleted, _ = await pipe.execute()
+        except RedisError as error:
+            raise StoreUnavailable() from error
         return bool(deleted)
+
+    def subscriber_client(self) -> redis.Redis:
+        """Return a client of its own for waiting on the rotation channel.
+
+        It has no read timeout, because it waits for messages indefinitely;
+        a PING every 15 seconds finds a dead connection instead.
+        """
+        return redis.Redis.from_url(
+            self.settings.url,
+            socket_timeout=None,
+            socket_connect_timeout=self.settings.timeout,
+            health_check_interval=15,
+        )
 
     async def principals(self) -> list[str]:
         """Return every principal with a stored token, sorted."""

@@ -17,11 +17,11 @@ import pytest
 import redis
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.app import create_app
+from gateway.app import STORE_KEY, create_app
 from gateway.config import Settings, load_settings
 from gateway.credentials import issue_jwt
 from gateway.logs import configure_logging
-from gateway.store import open_store
+from gateway.store import TokenStore
 from tests.fake_misskey import FakeMisskey
 
 JWT_SECRET = "test-secret-0123456789abcdef0123456789abcdef"
@@ -187,20 +187,17 @@ class Gateway:
     def bearer(self, principal: str = "alice", scope: str = "*") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.jwt(principal, scope)}"}
 
+    @property
+    def store(self) -> TokenStore:
+        """The running gateway's own token store."""
+        return self.client.server.app[STORE_KEY]
+
     async def store_token(self, principal: str, token: str) -> None:
-        """Write a token through a store of its own, as another process would."""
-        store = open_store(self.settings)
-        try:
-            await store.set_token(principal, token)
-        finally:
-            await store.close()
+        """Store a token through the gateway's own store, so it is used at once."""
+        await self.store.set_token(principal, token)
 
     async def delete_token(self, principal: str) -> None:
-        store = open_store(self.settings)
-        try:
-            await store.delete_token(principal)
-        finally:
-            await store.close()
+        await self.store.delete_token(principal)
 
 
 @pytest.fixture

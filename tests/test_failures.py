@@ -52,7 +52,7 @@ async def test_redis_down_anonymous_request_served(start_gateway):
 
 @redis_only
 async def test_redis_stopped_then_restarted(start_gateway, own_redis):
-    gateway = await start_gateway(**{"store.url": own_redis.url})
+    gateway = await start_gateway(**{"store.url": own_redis.url, "store.cache_ttl": 0})
     gateway.fake.add_token(STORED, "alice")
     await gateway.store_token("alice", STORED)
 

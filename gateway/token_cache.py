@@ -1,0 +1,157 @@
+"""In-process cache of Redis tokens, invalidated over Redis pub/sub.
+
+Every write through the gateway's store (``misskey-gateway token set`` and
+``delete``) publishes the principal's name on ``<prefix>rotations`` in the
+same transaction, and every replica drops that principal's cached token when
+the message arrives. Another tool rotates a token the same way:
+``SET <prefix>token:P NEW`` followed by ``PUBLISH <prefix>rotations P``.
+
+A message can be lost (the subscription drops, or a tool forgets to
+publish), so entries also expire after ``ttl`` seconds; that is the bound on
+staleness, with or without the subscription. The cache is emptied whenever
+the subscription is (re)established, since messages may have been missed in
+between. While Redis is unreachable, cached tokens keep being used until
+they expire; other requests get 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import structlog
+from redis.exceptions import RedisError
+
+from gateway.store import RedisTokenStore
+
+logger = structlog.get_logger("gateway.store")
+
+MAX_ENTRIES = 100_000
+RECONNECT_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    token: str | None
+    expires_at: float
+
+
+class CachedTokenStore:
+    """A RedisTokenStore with a per-process cache in front of ``get_token``."""
+
+    kind = "redis"
+
+    def __init__(self, inner: RedisTokenStore, ttl: float):
+        self.inner = inner
+        self.description = inner.description
+        self.ttl = ttl
+        self.hits = 0
+        self.misses = 0
+        self._entries: dict[str, _Entry] = {}
+        # Bumped by every invalidation, so a read that raced one is not cached.
+        self._generation = 0
+        self._subscribed = asyncio.Event()
+        self._listener: asyncio.Task[None] | None = None
+
+    @property
+    def subscribed(self) -> bool:
+        """Whether rotation messages are being received."""
+        return self._subscribed.is_set()
+
+    def start(self) -> None:
+        """Start listening for rotations; call once the event loop runs."""
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen(), name="token-rotations")
+
+    async def wait_subscribed(self) -> None:
+        """Wait until rotation messages are received."""
+        await self._subscribed.wait()
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            try:
+                await self._listener
+            except asyncio.CancelledError:
+                pass
+            self._listener = None
+        await self.inner.close()
+
+    async def ping(self) -> None:
+        await self.inner.ping()
+
+    async def get_token(self, principal: str) -> str | None:
+        """Return the token of ``principal``, from the cache when it is fresh."""
+        now = time.monotonic()
+        entry = self._entries.get(principal)
+        if entry is not None and now < entry.expires_at:
+            self.hits += 1
+            return entry.token
+
+        self.misses += 1
+        generation = self._generation
+        token = await self.inner.get_token(principal)
+        if generation == self._generation:
+            if len(self._entries) >= MAX_ENTRIES:
+                del self._entries[next(iter(self._entries))]
+            self._entries[principal] = _Entry(token, now + self.ttl)
+        return token
+
+    async def set_token(self, principal: str, token: str) -> None:
+        await self.inner.set_token(principal, token)
+        self.invalidate(principal)
+
+    async def delete_token(self, principal: str) -> bool:
+        deleted = await self.inner.delete_token(principal)
+        self.invalidate(principal)
+        return deleted
+
+    async def principals(self) -> list[str]:
+        return await self.inner.principals()
+
+    async def jwt_secret(self) -> bytes:
+        return await self.inner.jwt_secret()
+
+    def invalidate(self, principal: str) -> None:
+        self._generation += 1
+        self._entries.pop(principal, None)
+
+    def invalidate_all(self) -> None:
+        self._generation += 1
+        self._entries.clear()
+
+    async def _listen(self) -> None:
+        channel = self.inner.rotation_channel
+        failures = 0
+        while True:
+            client = self.inner.subscriber_client()
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                # Messages published before this point were missed.
+                self.invalidate_all()
+                self._subscribed.set()
+                if failures:
+                    logger.info("store.subscription_restored", channel=channel)
+                failures = 0
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        principal = message["data"]
+                        if isinstance(principal, bytes):
+                            principal = principal.decode("utf-8", "replace")
+                        self.invalidate(principal)
+            except (RedisError, OSError) as error:
+                self._subscribed.clear()
+                self.invalidate_all()
+                if failures == 0:
+                    logger.warning(
+                        "store.subscription_lost", channel=channel, error=str(error)
+                    )
+                delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)]
+                failures += 1
+                await asyncio.sleep(delay)
+            finally:
+                self._subscribed.clear()
+                await pubsub.aclose()
+                await client.aclose()

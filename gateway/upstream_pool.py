@@ -1,0 +1,443 @@
+"""A lean HTTP/1.1 keep-alive client for the one upstream Misskey server.
+
+aiohttp's ClientSession costs several times more per request than the rest
+of the gateway together, because it is built for any server on the web. This
+client talks to one origin only: it writes each request in one call, parses
+responses with httptools (llhttp), streams bodies with back-pressure, and
+keeps idle connections for reuse.
+
+A connection is reused only when its last response was read to the end and
+both sides allow keep-alive. Any failure, early stop or unexpected byte closes
+it, so a connection in an unknown state is never used again. Idle connections
+are dropped after ``idle_timeout`` seconds, before the upstream's own
+keep-alive timeout can close them under a new request (Node.js, which runs
+Misskey, closes idle connections after 5 seconds by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import httptools
+
+from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+
+# Bytes of response body buffered before the client side is read from again.
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+
+
+class UpstreamProtocolError(Exception):
+    """The upstream sent something that is not a valid HTTP/1.1 response."""
+
+
+class BodyReadError(Exception):
+    """The response body could not be read to its end."""
+
+
+class UpstreamResponse:
+    """The status, headers and streamed body of one upstream response."""
+
+    def __init__(self, connection: _Connection, method: str):
+        self.status = 0
+        self.reason = ""
+        self.headers: list[tuple[str, str]] = []
+        self.content_length: int | None = None
+        self._connection = connection
+        self._head_only = method == "HEAD"
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._complete = False
+        self._error: BaseException | None = None
+        self._loop = asyncio.get_running_loop()
+        self._headers_ready: asyncio.Future[None] = self._loop.create_future()
+        self._data_waiter: asyncio.Future[None] | None = None
+        self._released = False
+        self._header_name = ""
+
+    @property
+    def complete(self) -> bool:
+        """Whether the whole body has arrived and is buffered."""
+        return self._complete and self._error is None
+
+    def body_if_complete(self) -> bytes | None:
+        """Return the whole body when it has already arrived, else None."""
+        if not self.complete:
+            return None
+        body = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        return body
+
+    async def iter_body(self) -> AsyncIterator[bytes]:
+        """Yield the body as it arrives; raise BodyReadError if it is cut short."""
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self._buffered -= len(chunk)
+                if self._buffered <= LOW_WATER:
+                    self._connection.resume_reading()
+                yield chunk
+                continue
+            if self._error is not None:
+                raise BodyReadError(str(self._error) or type(self._error).__name__)
+            if self._complete:
+                return
+            self._data_waiter = self._loop.create_future()
+            try:
+                await self._data_waiter
+            finally:
+                self._data_waiter = None
+
+    def release(self) -> None:
+        """Return the connection to the pool, or close it if it cannot be reused."""
+        if self._released:
+            return
+        self._released = True
+        reusable = (
+            self._complete
+            and self._error is None
+            and not self._chunks
+            and not self._head_only
+            and self._connection.keep_alive
+        )
+        self._connection.finish(reusable)
+
+    # Callbacks from the connection's parser.
+
+    def on_status(self, status: bytes) -> None:
+        self.reason = status.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self, status: int, content_length: int | None) -> None:
+        self.status = status
+        self.content_length = content_length
+        if self._head_only:
+            # llhttp would wait for the body a HEAD response announces but
+            # never sends, so the message ends here and the connection closes.
+            self._complete = True
+        if not self._headers_ready.done():
+            self._headers_ready.set_result(None)
+
+    def delimited_by_close(self) -> bool:
+        """Whether the body, if any, ends only when the connection closes."""
+        if not self._headers_ready.done() or self._complete:
+            return False
+        framed = self.content_length is not None or any(
+            name.lower() == "transfer-encoding" for name, _ in self.headers
+        )
+        return not framed
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered >= HIGH_WATER:
+            self._connection.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self._complete = True
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        if self._complete and not self._head_only:
+            return
+        self._error = error
+        if not self._headers_ready.done():
+            self._headers_ready.set_exception(error)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._data_waiter is not None and not self._data_waiter.done():
+            self._data_waiter.set_result(None)
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; it carries one exchange at a time."""
+
+    def __init__(self, pool: UpstreamPool):
+        self._pool = pool
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.keep_alive = False
+        self.idle_since = 0.0
+        self._parser = httptools.HttpResponseParser(self)
+        self._response: UpstreamResponse | None = None
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._paused = False
+        self._informational = False
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        response = self._response
+        if response is None:
+            # Bytes on an idle connection: its state is unknown, so drop it.
+            self.close()
+            return
+        self._restart_read_timer()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as error:
+            response.fail(UpstreamProtocolError(str(error)))
+            self.close()
+
+    def eof_received(self) -> bool | None:
+        response = self._response
+        if response is not None and response.delimited_by_close():
+            # A body without Content-Length or chunked framing ends here.
+            self.keep_alive = False
+            response.on_message_complete()
+        else:
+            self._fail_current(
+                ConnectionResetError("the upstream closed the connection")
+            )
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_read_timer()
+        self._fail_current(
+            exc or ConnectionResetError("the upstream closed the connection")
+        )
+        self._pool.forget(self)
+
+    # httptools callbacks
+
+    def on_status(self, status: bytes) -> None:
+        if self._response is not None:
+            self._response.on_status(status)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._response is not None:
+            self._response.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self._response is None:
+            return
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            # An interim response (100 Continue, 103 Early Hints): the real
+            # one follows on the same connection.
+            self._informational = True
+            self._response.headers.clear()
+            return
+        self.keep_alive = self._parser.should_keep_alive()
+        length = None
+        for name, value in self._response.headers:
+            if name.lower() == "content-length":
+                length = int(value)
+        self._response.on_headers_complete(status, length)
+
+    def on_body(self, body: bytes) -> None:
+        if self._response is not None:
+            self._response.on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        self._cancel_read_timer()
+        if self._response is not None:
+            self._response.on_message_complete()
+
+    # Used by the pool and the response
+
+    def send(self, request: bytes, method: str) -> UpstreamResponse:
+        if self.transport is None:
+            raise UpstreamUnavailable("The upstream connection is not open.")
+        self._response = UpstreamResponse(self, method)
+        self._parser = httptools.HttpResponseParser(self)
+        self.transport.write(request)
+        self._restart_read_timer()
+        return self._response
+
+    def finish(self, reusable: bool) -> None:
+        self._response = None
+        self._cancel_read_timer()
+        if self._paused:
+            self.resume_reading()
+        if reusable and not self.closed:
+            self.idle_since = time.monotonic()
+            self._pool.put_back(self)
+        else:
+            self.close()
+            self._pool.release_slot()
+
+    def pause_reading(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self._cancel_read_timer()
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+            self._restart_read_timer()
+
+    def close(self) -> None:
+        self.closed = True
+        self._cancel_read_timer()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _fail_current(self, error: BaseException) -> None:
+        if self._response is not None:
+            self._response.fail(error)
+
+    def _restart_read_timer(self) -> None:
+        self._cancel_read_timer()
+        self._read_timer = self._loop.call_later(
+            self._pool.read_timeout, self._timed_out
+        )
+
+    def _cancel_read_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _timed_out(self) -> None:
+        self._read_timer = None
+        self._fail_current(TimeoutError("the upstream did not send data in time"))
+        self.close()
+
+
+class UpstreamPool:
+    """Keep-alive connections to one upstream origin, at most ``max_connections``."""
+
+    def __init__(
+        self,
+        url: str,
+        max_connections: int,
+        connect_timeout: float,
+        read_timeout: float,
+        idle_timeout: float = 4.0,
+    ):
+        parts = urlsplit(url)
+        self.scheme = parts.scheme
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        default_port = (parts.scheme == "https" and self.port == 443) or (
+            parts.scheme == "http" and self.port == 80
+        )
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = host if default_port else f"{host}:{self.port}"
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.idle_timeout = idle_timeout
+        self._ssl: ssl.SSLContext | None = (
+            ssl.create_default_context() if parts.scheme == "https" else None
+        )
+        self._idle: list[_Connection] = []
+        self._slots = asyncio.Semaphore(max_connections)
+        self._all: set[_Connection] = set()
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes | None,
+    ) -> UpstreamResponse:
+        """Send one request and return once the response headers have arrived.
+
+        Raises UpstreamUnavailable when no connection can be made or the
+        connection fails before the headers, and UpstreamTimeout when the
+        connection or the headers take longer than the timeouts.
+        """
+        head = self._encode_head(method, target, headers, body)
+        connection = await self._acquire()
+        response = connection.send(head + body if body else head, method)
+        try:
+            await response._headers_ready
+        except TimeoutError as error:
+            response.release()
+            raise UpstreamTimeout() from error
+        except (OSError, UpstreamProtocolError) as error:
+            response.release()
+            raise UpstreamUnavailable() from error
+        except BaseException:
+            response.release()
+            raise
+        return response
+
+    async def close(self) -> None:
+        for connection in list(self._all):
+            connection.close()
+        self._idle.clear()
+
+    def _encode_head(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes | None,
+    ) -> bytes:
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host_header}"]
+        lines.extend(f"{name}: {value}" for name, value in headers)
+        if body is not None:
+            lines.append(f"Content-Length: {len(body)}")
+        lines.append("\r\n")
+        return "\r\n".join(lines).encode("latin-1")
+
+    async def _acquire(self) -> _Connection:
+        now = time.monotonic()
+        while self._idle:
+            connection = self._idle.pop()
+            expired = now - connection.idle_since > self.idle_timeout
+            if expired or connection.closed or _closing(connection):
+                connection.close()
+                self._slots.release()
+                continue
+            return connection
+
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await self._slots.acquire()
+                try:
+                    _, connection = await self._loop().create_connection(
+                        lambda: _Connection(self),
+                        self.host,
+                        self.port,
+                        ssl=self._ssl,
+                    )
+                except BaseException:
+                    self._slots.release()
+                    raise
+        except TimeoutError as error:
+            raise UpstreamTimeout() from error
+        except OSError as error:
+            raise UpstreamUnavailable() from error
+        self._all.add(connection)
+        return connection
+
+    def put_back(self, connection: _Connection) -> None:
+        self._idle.append(connection)
+
+    def release_slot(self) -> None:
+        self._slots.release()
+
+    def forget(self, connection: _Connection) -> None:
+        self._all.discard(connection)
+
+    @staticmethod
+    def _loop() -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+
+def _closing(connection: _Connection) -> bool:
+    transport: Any = connection.transport
+    return transport is None or transport.is_closing()
