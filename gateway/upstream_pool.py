@@ -44,7 +44,9 @@ class BodyReadError(Exception):
 class UpstreamResponse:
     """The status, headers and streamed body of one upstream response."""
 
-    def __init__(self, connection: _Connection, method: str):
+    def __init__(
+        self, connection: _Connection, method: str, loop: asyncio.AbstractEventLoop
+    ):
         self.status = 0
         self.reason = ""
         self.headers: list[tuple[str, str]] = []
@@ -55,11 +57,10 @@ class UpstreamResponse:
         self._buffered = 0
         self._complete = False
         self._error: BaseException | None = None
-        self._loop = asyncio.get_running_loop()
-        self._headers_ready: asyncio.Future[None] = self._loop.create_future()
+        self._loop = loop
+        self._headers_ready: asyncio.Future[None] = loop.create_future()
         self._data_waiter: asyncio.Future[None] | None = None
         self._released = False
-        self._header_name = ""
 
     @property
     def complete(self) -> bool:
@@ -258,7 +259,7 @@ class _Connection(asyncio.Protocol):
     def send(self, request: bytes, method: str) -> UpstreamResponse:
         if self.transport is None:
             raise UpstreamUnavailable("The upstream connection is not open.")
-        self._response = UpstreamResponse(self, method)
+        self._response = UpstreamResponse(self, method, self._loop)
         self._parser = httptools.HttpResponseParser(self)
         self.transport.write(request)
         self._restart_read_timer()
