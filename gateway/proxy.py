@@ -25,6 +25,7 @@ from gateway.errors import (
     PayloadTooLarge,
     PermissionDenied,
     UnsupportedMediaType,
+    UpstreamUnavailable,
 )
 from gateway.policy import EndpointPolicy, Mode, PolicyTable, endpoint_from_path
 from gateway.rewrite import (
@@ -40,11 +41,14 @@ from gateway.upstream import (
     UpstreamBodyFailed,
     forward_request_headers,
 )
+from gateway.upstream_pool import BodyReadError, UpstreamResponse
 
 logger = structlog.get_logger("gateway.request")
 
 REQUEST_ID_HEADER = "X-Request-Id"
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Largest upstream 401 body read to look for AUTHENTICATION_FAILED.
+MAX_ERROR_BODY = 64 * 1024
 # Content types whose body Misskey parses as JSON. A missing type and
 # text/plain are accepted too, because browsers' fetch() sends a string body
 # as text/plain when no Content-Type is set.
@@ -198,17 +202,61 @@ class ApiProxy:
         target = f"/api/{endpoint}"
         if query.query:
             target = f"{target}?{query.query}"
-        response, upstream_status = await self._relay.relay(
-            request,
-            method,
-            target,
-            headers,
-            forwarded_body,
-            {REQUEST_ID_HEADER: log.request_id},
-            log.timings,
+        extra_headers = {REQUEST_ID_HEADER: log.request_id}
+        upstream_started = time.perf_counter()
+        upstream = await self._relay.send(
+            method, target, headers, forwarded_body, log.timings
         )
-        log.fields["upstream_status"] = upstream_status
+        prefetched: bytes | None = None
+        if token is not None and principal is not None and body is not None:
+            retry = await self._token_rejected(upstream, principal, token, log)
+            if isinstance(retry, str):
+                upstream.release()
+                forwarded_body = rewrite_json_body(body, retry)
+                upstream = await self._relay.send(
+                    method, target, headers, forwarded_body, log.timings
+                )
+            else:
+                prefetched = retry
+        log.fields["upstream_status"] = upstream.status
+        response = await self._relay.respond(
+            request, upstream, extra_headers, prefetched
+        )
+        log.timings["upstream_ms"] = (time.perf_counter() - upstream_started) * 1000
         return response
+
+    async def _token_rejected(
+        self,
+        upstream: UpstreamResponse,
+        principal: Principal,
+        token: str,
+        log: RequestLog,
+    ) -> str | bytes | None:
+        """Decide whether to retry a request whose injected token Misskey rejected.
+
+        Returns the new token to retry with when the store now holds a
+        different one. Otherwise returns the body read to inspect the error
+        (to be relayed as is), or None when nothing was read.
+        """
+        if upstream.status != 401:
+            return None
+        try:
+            error_body = await upstream.read_body(MAX_ERROR_BODY)
+        except BodyReadError as error:
+            upstream.release()
+            raise UpstreamUnavailable() from error
+        if error_body is None or not _is_authentication_failed(error_body):
+            return error_body
+
+        # The stored token was rotated after it was cached, or was revoked in
+        # Misskey: read it again, bypassing the cache.
+        self._store.invalidate(principal.subject)
+        fresh = await self._store.get_token(principal.subject)
+        if fresh is None or fresh == token:
+            log.fields["token_rejected"] = True
+            return error_body
+        log.fields["retried"] = True
+        return fresh
 
     async def _read_body(self, request: web.Request) -> bytes:
         media_type = _media_type(request)
@@ -333,3 +381,15 @@ def _media_type(request: web.Request) -> str:
     if "Content-Type" not in request.headers:
         return ""
     return request.content_type.lower()
+
+
+def _is_authentication_failed(body: bytes) -> bool:
+    """Return whether a Misskey error body says the token was rejected."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return False
+    if not isinstance(document, dict):
+        return False
+    error = document.get("error")
+    return isinstance(error, dict) and error.get("code") == "AUTHENTICATION_FAILED"

@@ -100,6 +100,10 @@ class SqliteTokenStore:
         except ValueError:
             raise StoredTokenInvalid() from None
 
+    def invalidate(self, principal: str) -> None:
+        """Reload every token from the file on the next read."""
+        self._tokens = None
+
     async def set_token(self, principal: str, token: str) -> None:
         validate_token(token)
 

@@ -64,6 +64,9 @@ class TokenStore(Protocol):
 
     async def get_token(self, principal: str) -> str | None: ...
 
+    def invalidate(self, principal: str) -> None:
+        """Forget any cached token of ``principal``; the next read goes to the store."""
+
     async def set_token(self, principal: str, token: str) -> None: ...
 
     async def delete_token(self, principal: str) -> bool: ...
@@ -150,6 +153,9 @@ class RedisTokenStore:
             return validate_token(text)
         except (UnicodeDecodeError, ValueError):
             raise StoredTokenInvalid() from None
+
+    def invalidate(self, principal: str) -> None:
+        """Do nothing: every read goes to Redis."""
 
     @property
     def rotation_channel(self) -> str:

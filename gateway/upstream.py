@@ -95,31 +95,45 @@ class Relay:
     def __init__(self, pool: UpstreamPool):
         self._pool = pool
 
-    async def relay(
+    async def send(
         self,
-        request: web.Request,
         method: str,
         path_and_query: str,
         headers: list[tuple[str, str]],
         body: bytes | None,
-        extra_response_headers: Mapping[str, str],
         timings: dict[str, float],
-    ) -> tuple[web.StreamResponse, int]:
-        """Send the request upstream and stream the response to the client.
+    ) -> UpstreamResponse:
+        """Send the request upstream; return once the response headers arrived.
 
-        Returns the client response and the upstream status. Raises
-        UpstreamUnavailable or UpstreamTimeout when no response arrived; once
-        the response has started, failures end the client connection instead.
+        Raises UpstreamUnavailable or UpstreamTimeout when no response came.
+        The caller must pass the result to ``respond`` or release it.
         """
         started = time.perf_counter()
         upstream = await self._pool.request(method, path_and_query, headers, body)
         timings["upstream_headers_ms"] = (time.perf_counter() - started) * 1000
+        return upstream
+
+    async def respond(
+        self,
+        request: web.Request,
+        upstream: UpstreamResponse,
+        extra_response_headers: Mapping[str, str],
+        prefetched_body: bytes | None = None,
+    ) -> web.StreamResponse:
+        """Relay an upstream response to the client, streaming its body.
+
+        ``prefetched_body`` is the whole body when the caller already read it.
+        Once the response has started, failures end the client connection.
+        """
+        method = request.method
         try:
             response_headers = forward_response_headers(upstream.headers)
             response_headers.update(extra_response_headers)
-            complete_body = upstream.body_if_complete()
+            complete_body = prefetched_body
+            if complete_body is None:
+                complete_body = upstream.body_if_complete()
             if complete_body is not None:
-                # The whole answer is here: aiohttp sends head and body in
+                # The whole response is here: aiohttp sends head and body in
                 # one write.
                 response: web.StreamResponse = web.Response(
                     status=upstream.status,
@@ -140,8 +154,7 @@ class Relay:
                 await self._stream_body(request, upstream, response)
         finally:
             upstream.release()
-        timings["upstream_ms"] = (time.perf_counter() - started) * 1000
-        return response, upstream.status
+        return response
 
     async def _stream_body(
         self,

@@ -76,6 +76,26 @@ class UpstreamResponse:
         self._buffered = 0
         return body
 
+    async def read_body(self, limit: int) -> bytes | None:
+        """Read the whole body if it is at most ``limit`` bytes, else return None.
+
+        Returns None without reading when the announced length is larger.
+        Raises BodyReadError if the body is cut short.
+        """
+        if self.content_length is not None and self.content_length > limit:
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in self.iter_body():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                # Too large after all: keep what was read for the relay.
+                self._chunks.extendleft(reversed(chunks))
+                self._buffered += size
+                return None
+        return b"".join(chunks)
+
     async def iter_body(self) -> AsyncIterator[bytes]:
         """Yield the body as it arrives; raise BodyReadError if it is cut short."""
         while True:

@@ -319,3 +319,19 @@ async def test_expired_jwt_rejected(gateway):
     assert response.status == 401
     assert "expired" in (await response.json())["error"]["message"]
     assert gateway.fake.received == []
+
+
+async def test_other_401_relayed_without_retry(gateway):
+    from aiohttp import web
+
+    async def unauthorized(request, received):
+        return web.json_response({"error": {"code": "SOMETHING_ELSE"}}, status=401)
+
+    gateway.fake.handlers["fake/unauthorized"] = unauthorized
+    response = await gateway.client.post(
+        "/api/fake/unauthorized", json={}, headers=gateway.bearer()
+    )
+
+    assert response.status == 401
+    assert (await response.json())["error"]["code"] == "SOMETHING_ELSE"
+    assert len(gateway.fake.requests_to("fake/unauthorized")) == 1

@@ -245,3 +245,22 @@ async def test_several_processes_write_concurrently(tmp_path):
     assert codes == [0, 0, 0, 0]
     assert len(principals) == 100
     assert sample == "token-3-24"
+
+
+async def test_invalidate_rereads_within_poll(tmp_path):
+    path = tmp_path / "tokens.db"
+    reader = SqliteTokenStore(path, poll_interval=3600)
+    writer = SqliteTokenStore(path)
+    try:
+        await reader.set_token("alice", "old-token")
+        assert await reader.get_token("alice") == "old-token"
+        await writer.set_token("alice", "new-token")
+        stale = await reader.get_token("alice")
+        reader.invalidate("alice")
+        fresh = await reader.get_token("alice")
+    finally:
+        await reader.close()
+        await writer.close()
+
+    assert stale == "old-token"
+    assert fresh == "new-token"

@@ -174,3 +174,38 @@ async def test_cache_disabled_reads_every_time(start_gateway):
     gateway = await start_gateway(**{"store.cache_ttl": 0})
 
     assert isinstance(gateway.store, RedisTokenStore)
+
+
+async def test_rejected_token_reread_and_retried(start_gateway):
+    gateway = await started(start_gateway, **{"store.cache_ttl": 60})
+    assert await call_i(gateway) == OLD
+    settings = gateway.settings
+    client = redis.Redis.from_url(settings.store.url)
+    try:
+        # Rotated by a tool that does not publish: the cache still holds OLD.
+        await client.set(f"{settings.redis.prefix}token:alice", NEW)
+    finally:
+        await client.aclose()
+    gateway.fake.remove_token(OLD)
+
+    response = await gateway.client.post(
+        "/api/notes/create", json={"text": "once"}, headers=gateway.bearer()
+    )
+    sent = gateway.fake.requests_to("notes/create")
+
+    assert response.status == 200
+    assert [r.token for r in sent] == [OLD, NEW]
+    assert [r.json["text"] for r in sent] == ["once", "once"]
+    assert await call_i(gateway) == NEW
+
+
+async def test_rejected_unchanged_token_not_retried(start_gateway):
+    gateway = await started(start_gateway, **{"store.cache_ttl": 60})
+    gateway.fake.remove_token(OLD)
+
+    response = await gateway.client.post("/api/i", json={}, headers=gateway.bearer())
+    error = (await response.json())["error"]
+
+    assert response.status == 401
+    assert error["code"] == "AUTHENTICATION_FAILED"
+    assert len(gateway.fake.requests_to("i")) == 1
