@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +70,7 @@ class Received:
     headers: CIMultiDict[str]
     body: bytes
     token: Any = None
+    received_at: float = field(default_factory=time.monotonic)
 
     @property
     def json(self) -> Any:
