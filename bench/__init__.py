@@ -1,0 +1,1 @@
+"""Benchmark harness: wrk against nginx and the gateway on one machine (bench/run)."""
