@@ -11,7 +11,14 @@ from gateway.config import Settings
 from gateway.errors import GatewayError, NoSuchEndpoint, StoreUnavailable
 from gateway.policy import PolicyTable, load_policy_table
 from gateway.proxy import ApiProxy, error_response, new_request_id
-from gateway.store import TokenStore, open_serving_store
+from gateway.ratelimit import (
+    RateLimiter,
+    RateLimitSettings,
+    local_limiter,
+    redis_limiter,
+)
+from gateway.store import RedisTokenStore, TokenStore, open_serving_store
+from gateway.token_cache import CachedTokenStore
 from gateway.upstream import Relay, create_pool
 from gateway.upstream_pool import UpstreamPool
 
@@ -52,12 +59,34 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     pool = create_pool(settings.upstream)
     app[STORE_KEY] = store
     app[UPSTREAM_KEY] = pool
-    app[PROXY_KEY] = ApiProxy(settings, app[POLICY_KEY], store, Relay(pool))
+    app[PROXY_KEY] = ApiProxy(
+        settings, app[POLICY_KEY], store, Relay(pool), create_limiter(settings, store)
+    )
     try:
         yield
     finally:
         await pool.close()
         await store.close()
+
+
+def create_limiter(settings: Settings, store: TokenStore) -> RateLimiter | None:
+    """Create the per-principal rate limiter, or None when no limit is set.
+
+    With Redis the budget is shared by every replica; with SQLite each
+    process counts on its own.
+    """
+    config = settings.ratelimit
+    limits = RateLimitSettings(
+        requests_per_minute=config.requests_per_minute,
+        burst=config.burst,
+        principals=config.principals,
+    )
+    if not limits.enabled:
+        return None
+    redis_store = store.inner if isinstance(store, CachedTokenStore) else store
+    if isinstance(redis_store, RedisTokenStore):
+        return redis_limiter(redis_store.client, settings.redis.prefix, limits)
+    return local_limiter(limits)
 
 
 async def _api(request: web.Request) -> web.StreamResponse:

@@ -10,17 +10,20 @@ import multiprocessing
 import multiprocessing.connection
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
+import jwt as pyjwt
 import structlog
 from aiohttp import web
 
 from gateway import __version__
+from gateway.apikeys import new_api_key
 from gateway.app import POLICY_KEY, create_app
 from gateway.config import ConfigError, Settings, load_settings
-from gateway.credentials import issue_jwt, validate_principal
+from gateway.credentials import JWT_ID_PATTERN, issue_jwt, validate_principal
 from gateway.errors import StoredTokenInvalid, StoreUnavailable
 from gateway.logs import configure_logging
 from gateway.policy import API_PREFIX, load_policy_table
@@ -60,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument(
         "--store",
         metavar="URL",
-        help="token store: redis://…, rediss://…, unix://… or sqlite:///PATH "
+        help="token store: redis://…, rediss://…, unix://…, redis+sentinel://…, "
+        "redis+cluster://… or sqlite:///PATH "
         "(default: SQLite in the XDG data directory)",
     )
     config.add_argument(
@@ -116,12 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         "issue", parents=[config], help="print a signed gateway JWT for a principal"
     )
     issue.add_argument("principal")
-    issue.add_argument(
-        "--scope",
-        default="",
-        help="space-separated Misskey permission kinds, "
-        'e.g. "read:account write:notes"; "*" grants every kind (default: none)',
-    )
+    _add_scope_argument(issue)
     issue.add_argument(
         "--ttl",
         type=int,
@@ -129,6 +128,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="lifetime in seconds (default: jwt.default_ttl)",
     )
     issue.set_defaults(handler=_jwt_issue)
+    revoke = jwt_commands.add_parser(
+        "revoke",
+        parents=[config],
+        help="reject a JWT from now on, by its jti or read from standard input",
+    )
+    revoke.add_argument("jwt_id", nargs="?", metavar="JTI", help="the JWT's jti claim")
+    revoke.add_argument(
+        "--for",
+        dest="revoke_for",
+        type=int,
+        metavar="SECONDS",
+        help="how long to keep the revocation; required with JTI "
+        "(with a JWT on standard input, until the JWT expires)",
+    )
+    revoke.set_defaults(handler=_jwt_revoke)
+
+    key_command = commands.add_parser("key", help="opaque API keys")
+    key_commands = key_command.add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    key_create = key_commands.add_parser(
+        "create", parents=[config], help="create an API key and print it once"
+    )
+    key_create.add_argument("principal")
+    _add_scope_argument(key_create)
+    key_create.set_defaults(handler=_key_create)
+    key_revoke = key_commands.add_parser(
+        "revoke", parents=[config], help="revoke the API keys of a principal"
+    )
+    key_revoke.add_argument("principal")
+    key_revoke.add_argument(
+        "--id", dest="key_id", metavar="ID", help="revoke only the key with this id"
+    )
+    key_revoke.set_defaults(handler=_key_revoke)
+    key_list = key_commands.add_parser(
+        "list", parents=[config], help="list a principal's API keys (ids, never keys)"
+    )
+    key_list.add_argument("principal")
+    key_list.set_defaults(handler=_key_list)
 
     policy = commands.add_parser("policy", help="endpoint policy")
     policy_commands = policy.add_subparsers(
@@ -148,6 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--upstream", metavar="URL", help="origin of the Misskey server")
     check.set_defaults(handler=_check)
     return parser
+
+
+def _add_scope_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--scope",
+        default="",
+        help="space-separated Misskey permission kinds, "
+        'e.g. "read:account write:notes"; "*" grants every kind (default: none)',
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -407,6 +454,95 @@ def _jwt_issue(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return _run_with_store(settings, work)
+
+
+def _jwt_revoke(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.jwt_id is not None:
+        if args.revoke_for is None or args.revoke_for < 1:
+            raise CommandFailed("--for SECONDS (at least 1) is required with a JTI")
+        jwt_id = args.jwt_id
+        expires_at = time.time() + args.revoke_for
+    else:
+        jwt_id, expires_at = _jwt_id_from_stdin(settings)
+    if not JWT_ID_PATTERN.fullmatch(jwt_id):
+        raise CommandFailed(f"invalid jti {jwt_id!r}")
+
+    async def work(store: TokenStore) -> int:
+        await store.revoke_jwt_id(jwt_id, expires_at)
+        until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_at))
+        print(f"revoked jti {jwt_id} until {until}")
+        return EXIT_OK
+
+    return _run_with_store(settings, work)
+
+
+def _jwt_id_from_stdin(settings: Settings) -> tuple[str, float]:
+    """Read a JWT from standard input; return its jti and expiry.
+
+    The signature is not checked: revoking a forged token is harmless.
+    """
+    text = sys.stdin.read().strip()
+    try:
+        claims = pyjwt.decode(text, options={"verify_signature": False})
+    except pyjwt.PyJWTError as error:
+        raise CommandFailed(f"standard input is not a JWT: {error}") from None
+    jwt_id = claims.get("jti")
+    expires = claims.get("exp")
+    if not isinstance(jwt_id, str):
+        raise CommandFailed("the JWT has no jti claim, so it cannot be revoked alone")
+    if not isinstance(expires, int | float):
+        raise CommandFailed("the JWT has no exp claim")
+    return jwt_id, float(expires) + settings.jwt.leeway
+
+
+# key
+
+
+def _key_create(args: argparse.Namespace) -> int:
+    principal = _principal(args)
+    key, record = new_api_key(principal, args.scope)
+
+    async def work(store: TokenStore) -> int:
+        await store.put_api_key(record)
+        print(key)
+        scope = record.scope or "no permission kinds"
+        print(
+            f"created API key {record.key_id} for {principal} ({scope}); "
+            "it is shown only now",
+            file=sys.stderr,
+        )
+        return EXIT_OK
+
+    return _run_with_store(_settings(args), work)
+
+
+def _key_revoke(args: argparse.Namespace) -> int:
+    principal = _principal(args)
+
+    async def work(store: TokenStore) -> int:
+        revoked = await store.delete_api_keys(principal, args.key_id)
+        if revoked == 0:
+            which = f"with id {args.key_id} " if args.key_id else ""
+            raise CommandFailed(f"no API key {which}found for {principal}")
+        print(f"revoked {revoked} API key{'s' if revoked != 1 else ''} of {principal}")
+        return EXIT_OK
+
+    return _run_with_store(_settings(args), work)
+
+
+def _key_list(args: argparse.Namespace) -> int:
+    principal = _principal(args)
+
+    async def work(store: TokenStore) -> int:
+        for record in await store.list_api_keys(principal):
+            created = time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created_at)
+            )
+            print(f"{record.key_id}  {created}  {record.scope or '-'}")
+        return EXIT_OK
+
+    return _run_with_store(_settings(args), work)
 
 
 # policy

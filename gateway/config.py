@@ -17,9 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from gateway.policy import MODES, PolicyRow
+from gateway.redis_url import REDIS_SCHEMES, RedisUrl, Topology, parse_redis_url
 
 ENV_PREFIX = "MISSKEY_GATEWAY_"
 CONFIG_PATH_ENV = "MISSKEY_GATEWAY_CONFIG"
@@ -74,18 +75,33 @@ class UpstreamSettings:
 @dataclass(frozen=True)
 class StoreSettings:
     # Empty: redis.url when that is set, else SQLite at the default location.
-    url: str = ""
+    # Left out of repr() because a Redis URL can contain a password.
+    url: str = field(default="", repr=False)
     poll_interval: float = 1.0
     # Redis: seconds a token stays in the per-process cache when no rotation
     # message arrives; 0 reads Redis on every request.
     cache_ttl: float = 5.0
+    # Redis: seconds past cache_ttl a cached token is still used while Redis
+    # is unreachable; 0 answers 503 as soon as the entry expires.
+    stale_limit: float = 60.0
 
 
 @dataclass(frozen=True)
 class RedisSettings:
-    url: str = ""
+    # Left out of repr() because it can contain a password.
+    url: str = field(default="", repr=False)
     prefix: str = "misskey-gateway:"
     timeout: float = 2.0
+    # ACL user and password of the data nodes, for URLs that carry none.
+    username: str = ""
+    password: str = field(default="", repr=False)
+    # Password of the sentinels themselves (redis+sentinel:// URLs only).
+    sentinel_password: str = field(default="", repr=False)
+    # TLS options of rediss:// URLs. Empty tls_ca_file means the system CAs.
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_verify_hostname: bool = True
 
 
 @dataclass(frozen=True)
@@ -97,6 +113,23 @@ class JwtSettings:
     audience: str = ""
     leeway: float = 30.0
     default_ttl: int = 3600
+    # JSON Web Key Set with the public keys, instead of public_key_file.
+    jwks_url: str = ""
+    # Seconds the key set is used before it is fetched again.
+    jwks_cache_seconds: float = 300.0
+    # Least seconds between fetches caused by a JWT with an unknown key id.
+    jwks_refetch_interval: float = 30.0
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    # Requests per minute for every principal; 0 means no limit.
+    requests_per_minute: int = 0
+    # Requests allowed at once above the steady rate; 0 means a sixth of the
+    # principal's requests_per_minute, rounded up.
+    burst: int = 0
+    # Per-principal replacements for requests_per_minute (0: no limit).
+    principals: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -119,6 +152,7 @@ class Settings:
     redis: RedisSettings = field(default_factory=RedisSettings)
     jwt: JwtSettings = field(default_factory=JwtSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
+    ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     log: LogSettings = field(default_factory=LogSettings)
 
     def require_upstream(self) -> str:
@@ -139,11 +173,20 @@ SECTIONS: dict[str, type[Any]] = {
     "redis": RedisSettings,
     "jwt": JwtSettings,
     "policy": PolicySettings,
+    "ratelimit": RateLimitConfig,
     "log": LogSettings,
 }
-SECRET_KEYS = frozenset({"jwt.secret", "redis.url", "store.url"})
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+SECRET_KEYS = frozenset(
+    {
+        "jwt.secret",
+        "redis.url",
+        "redis.password",
+        "redis.sentinel_password",
+        "store.url",
+    }
+)
 SQLITE_SCHEME = "sqlite"
+TLS_FILE_KEYS = ("tls_ca_file", "tls_cert_file", "tls_key_file")
 DEFAULT_DATABASE_NAME = "store.db"
 
 
@@ -230,6 +273,8 @@ def _build(raw: dict[str, dict[str, Any]], environ: Mapping[str, str]) -> Settin
                 raise ConfigError(dotted, f"unknown key in [{section}]")
             if dotted == "policy.endpoints":
                 values[key] = _convert_policy_rows(value)
+            elif dotted == "ratelimit.principals":
+                values[key] = _convert_rate_limits(value)
             else:
                 default = fields[key].default
                 values[key] = _convert(dotted, value, default)
@@ -375,6 +420,38 @@ def _convert_policy_rows(value: Any) -> dict[str, PolicyRow]:
     return rows
 
 
+def _convert_rate_limits(value: Any) -> dict[str, int]:
+    if not isinstance(value, dict):
+        raise ConfigError(
+            "ratelimit.principals", "must be a table of principal = limit"
+        )
+    limits: dict[str, int] = {}
+    for principal, limit in value.items():
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise ConfigError(
+                f'ratelimit.principals."{principal}"',
+                "must be an integer number of requests per minute",
+            )
+        limits[principal] = limit
+    return limits
+
+
+def _validate_rate_limits(config: RateLimitConfig) -> None:
+    # Imported here: the limiter module depends on this one.
+    from gateway.ratelimit import RateLimitSettings
+
+    try:
+        RateLimitSettings(
+            requests_per_minute=config.requests_per_minute,
+            burst=config.burst,
+            principals=config.principals,
+        )
+    except ValueError as error:
+        message = str(error)
+        key = message.split(" ", 1)[0].rstrip(":")
+        raise ConfigError(key, message[len(key) :].lstrip(": ")) from None
+
+
 def _validate(settings: Settings) -> None:
     server, upstream, redis, jwt = (
         settings.server,
@@ -399,30 +476,84 @@ def _validate(settings: Settings) -> None:
     if upstream.max_connections < 1:
         raise ConfigError("upstream.max_connections", "must be at least 1")
 
-    if redis.url and _scheme("redis.url", redis.url) not in REDIS_SCHEMES:
-        raise ConfigError("redis.url", "must start with redis://, rediss:// or unix://")
     store = settings.store
-    scheme = _scheme("store.url", store.url)
-    if scheme == SQLITE_SCHEME:
-        sqlite_path(store.url)
-    elif scheme not in REDIS_SCHEMES:
-        raise ConfigError(
-            "store.url",
-            "must start with redis://, rediss://, unix:// or sqlite:///",
-        )
+    _validate_store_url(store, redis)
     if store.poll_interval < 0:
         raise ConfigError("store.poll_interval", "must not be negative")
     if store.cache_ttl < 0:
         raise ConfigError("store.cache_ttl", "must not be negative")
+    if store.stale_limit < 0:
+        raise ConfigError("store.stale_limit", "must not be negative")
     if redis.timeout <= 0:
         raise ConfigError("redis.timeout", "must be a positive number of seconds")
+    for name in TLS_FILE_KEYS:
+        path = getattr(redis, name)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"redis.{name}", f"file not found: {path}")
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(f"redis.{name}", f"file is not readable: {path}")
 
     _validate_jwt(jwt)
+    _validate_rate_limits(settings.ratelimit)
 
     if settings.log.level not in LOG_LEVELS:
         raise ConfigError("log.level", f"must be one of {', '.join(LOG_LEVELS)}")
     if settings.log.format not in LOG_FORMATS:
         raise ConfigError("log.format", f"must be one of {', '.join(LOG_FORMATS)}")
+
+
+def _validate_store_url(store: StoreSettings, redis: RedisSettings) -> None:
+    if redis.url:
+        _parse_redis_url("redis.url", redis.url)
+    if _scheme("store.url", store.url) == SQLITE_SCHEME:
+        sqlite_path(store.url)
+        return
+    # store.url is a copy of redis.url unless it was set itself.
+    key = "redis.url" if store.url == redis.url else "store.url"
+    _validate_redis_options(redis, _parse_redis_url(key, store.url), key)
+
+
+def _parse_redis_url(key: str, url: str) -> RedisUrl:
+    try:
+        return parse_redis_url(url)
+    except ValueError as error:
+        message = str(error)
+        if key == "store.url" and _scheme(key, url) not in REDIS_SCHEMES:
+            schemes = [f"{scheme}://" for scheme in REDIS_SCHEMES]
+            message = f"must start with {', '.join(schemes)} or {SQLITE_SCHEME}:///"
+        raise ConfigError(key, message) from None
+
+
+def _validate_redis_options(redis: RedisSettings, url: RedisUrl, url_key: str) -> None:
+    """Check the [redis] options against the store URL that they apply to."""
+    if redis.username and url.username:
+        raise ConfigError(
+            "redis.username",
+            f"conflicts with the user name in {url_key}; set only one of the two",
+        )
+    if redis.password and url.password:
+        raise ConfigError(
+            "redis.password",
+            f"conflicts with the password in {url_key}; set only one of the two",
+        )
+    if redis.sentinel_password and url.topology is not Topology.SENTINEL:
+        raise ConfigError(
+            "redis.sentinel_password", "only applies to redis+sentinel:// URLs"
+        )
+    if not url.tls:
+        tls_keys = [name for name in TLS_FILE_KEYS if getattr(redis, name)]
+        if not redis.tls_verify_hostname:
+            tls_keys.append("tls_verify_hostname")
+        if tls_keys:
+            raise ConfigError(
+                f"redis.{tls_keys[0]}",
+                f"only applies to rediss:// URLs, and {url_key} is {url.scheme}://",
+            )
+    if redis.tls_key_file and not redis.tls_cert_file:
+        raise ConfigError(
+            "redis.tls_cert_file",
+            "missing: redis.tls_key_file is set, but not the client certificate",
+        )
 
 
 def _scheme(key: str, url: str) -> str:
@@ -434,16 +565,21 @@ def _scheme(key: str, url: str) -> str:
         raise ConfigError(key, "is not a valid URL") from None
 
 
-def _validate_upstream_url(url: str) -> None:
+def _http_url(key: str, url: str) -> SplitResult:
+    """Split an http:// or https:// URL setting, or raise ConfigError naming ``key``."""
     try:
         parts = urlsplit(url)
     except ValueError:
-        raise ConfigError("upstream.url", "is not a valid URL") from None
+        raise ConfigError(key, "is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(
-            "upstream.url",
-            f"must be an http:// or https:// URL, not {redact_url(url)!r}",
+            key, f"must be an http:// or https:// URL, not {redact_url(url)!r}"
         )
+    return parts
+
+
+def _validate_upstream_url(url: str) -> None:
+    parts = _http_url("upstream.url", url)
     if parts.username or parts.password:
         raise ConfigError("upstream.url", "must not contain a user name or password")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
@@ -480,9 +616,12 @@ def _validate_jwt(jwt: JwtSettings) -> None:
         raise ConfigError(
             "jwt.secret", f"must be at least {MIN_SECRET_LENGTH} characters long"
         )
-    if asymmetric and not jwt.public_key_file:
+    if jwt.jwks_url:
+        _validate_jwks(jwt, asymmetric)
+    elif asymmetric and not jwt.public_key_file:
         raise ConfigError(
-            "jwt.public_key_file", "missing: public-key algorithms need a PEM key file"
+            "jwt.public_key_file",
+            "missing: public-key algorithms need a PEM key file or jwt.jwks_url",
         )
     if jwt.public_key_file and not asymmetric:
         raise ConfigError(
@@ -493,6 +632,22 @@ def _validate_jwt(jwt: JwtSettings) -> None:
         raise ConfigError("jwt.leeway", "must not be negative")
     if jwt.default_ttl < 1:
         raise ConfigError("jwt.default_ttl", "must be at least 1 second")
+
+
+def _validate_jwks(jwt: JwtSettings, asymmetric: set[str]) -> None:
+    _http_url("jwt.jwks_url", jwt.jwks_url)
+    if not asymmetric:
+        raise ConfigError(
+            "jwt.jwks_url", "is set, but jwt.algorithms lists no public-key algorithm"
+        )
+    if jwt.public_key_file:
+        raise ConfigError(
+            "jwt.public_key_file", "must not be set together with jwt.jwks_url"
+        )
+    if jwt.jwks_cache_seconds <= 0:
+        raise ConfigError("jwt.jwks_cache_seconds", "must be a positive number")
+    if jwt.jwks_refetch_interval < 0:
+        raise ConfigError("jwt.jwks_refetch_interval", "must not be negative")
 
 
 def redact_url(url: str) -> str:

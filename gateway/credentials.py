@@ -7,6 +7,7 @@ is anonymous), invalid (``AuthenticationFailed``), or a ``Principal``.
 from __future__ import annotations
 
 import re
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from jwt.types import Options
 
 from gateway.config import SYMMETRIC_ALGORITHMS, ConfigError, JwtSettings
 from gateway.errors import AuthenticationFailed
+from gateway.jwks import JwksKeySet
 
 # Principals name Redis keys and log fields, so they are kept to a plain
 # alphabet and a bounded length.
@@ -24,6 +26,10 @@ PRINCIPAL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
 # Base64url header.payload.signature; anything else is not a gateway JWT.
 JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 MAX_CREDENTIAL_LENGTH = 8192
+# JWT ids name Redis keys and SQLite rows, so they keep to a plain alphabet.
+JWT_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Key ids are looked up in the key set, never used as paths or patterns.
+KEY_ID_PATTERN = re.compile(r"[A-Za-z0-9._:+/=-]{1,128}")
 ALL_KINDS = "*"
 
 
@@ -33,6 +39,10 @@ class Principal:
 
     subject: str
     scopes: frozenset[str]
+    # The JWT's jti claim, for revocation; None for API keys and JWTs without.
+    jwt_id: str | None = None
+    # When the credential expires (UNIX seconds, leeway included), if it does.
+    expires_at: float | None = None
 
     def allows(self, kind: str | None) -> bool:
         """Return whether the scope covers the permission kind ``kind``."""
@@ -59,15 +69,37 @@ class _VerifiedJwt:
     expires_at: float
 
 
-class JwtVerifier:
-    """Verify gateway JWTs with one key and a fixed algorithm allowlist.
+class _VerifiedCache:
+    """JWTs that passed verification, keyed by their exact text, until expiry.
 
-    A JWT whose signature and claims passed is remembered, keyed by its exact
-    text, until it expires, so a client that sends the same JWT again skips
-    the signature check. Expiry is still checked on every use.
+    A client that sends the same JWT again skips the signature check; expiry
+    is still checked on every use. The oldest entry goes when the cache is
+    full (dicts keep insertion order).
     """
 
-    def __init__(self, settings: JwtSettings, key: str | bytes, cache_size: int = 4096):
+    def __init__(self, size: int):
+        self._entries: dict[str, _VerifiedJwt] = {}
+        self._size = size
+
+    def get(self, credential: str) -> Principal | None:
+        entry = self._entries.get(credential)
+        if entry is None:
+            return None
+        if time.time() <= entry.expires_at:
+            return entry.principal
+        del self._entries[credential]
+        raise AuthenticationFailed("The credential has expired.")
+
+    def put(self, credential: str, principal: Principal, expires_at: float) -> None:
+        if len(self._entries) >= self._size:
+            del self._entries[next(iter(self._entries))]
+        self._entries[credential] = _VerifiedJwt(principal, expires_at)
+
+
+class JwtVerifier:
+    """Verify gateway JWTs with one key and a fixed algorithm allowlist."""
+
+    def __init__(self, settings: JwtSettings, key: Any, cache_size: int = 4096):
         self._settings = settings
         self._key = key
         self._algorithms = list(settings.algorithms)
@@ -77,35 +109,26 @@ class JwtVerifier:
         if settings.audience:
             required.append("aud")
         self._options: Options = {"require": required}
-        self._cache: dict[str, _VerifiedJwt] = {}
-        self._cache_size = cache_size
+        self._cache = _VerifiedCache(cache_size)
 
     def verify(self, credential: str) -> Principal:
         """Return the principal a JWT names, or raise AuthenticationFailed."""
         cached = self._cache.get(credential)
         if cached is not None:
-            if time.time() <= cached.expires_at:
-                return cached.principal
-            del self._cache[credential]
-            raise AuthenticationFailed("The credential has expired.")
-
-        principal, expires_at = self._decode(credential)
-        if len(self._cache) >= self._cache_size:
-            # Dicts keep insertion order: drop the oldest entry.
-            del self._cache[next(iter(self._cache))]
-        self._cache[credential] = _VerifiedJwt(principal, expires_at)
+            return cached
+        check_shape(credential)
+        principal, expires_at = self._decode(credential, self._key, self._algorithms)
+        self._cache.put(credential, principal, expires_at)
         return principal
 
-    def _decode(self, credential: str) -> tuple[Principal, float]:
-        if len(credential) > MAX_CREDENTIAL_LENGTH or not JWT_SHAPE.fullmatch(
-            credential
-        ):
-            raise AuthenticationFailed("The credential is not a gateway credential.")
+    def _decode(
+        self, credential: str, key: Any, algorithms: list[str]
+    ) -> tuple[Principal, float]:
         try:
             claims = jwt.decode(
                 credential,
-                self._key,
-                algorithms=self._algorithms,
+                key,
+                algorithms=algorithms,
                 options=self._options,
                 issuer=self._settings.issuer or None,
                 audience=self._settings.audience or None,
@@ -124,9 +147,66 @@ class JwtVerifier:
             raise AuthenticationFailed("The credential names no valid principal.")
         if not isinstance(scope, str):
             raise AuthenticationFailed("The credential's scope claim is not a string.")
+        jwt_id = claims.get("jti")
+        if jwt_id is not None and (
+            not isinstance(jwt_id, str) or not JWT_ID_PATTERN.fullmatch(jwt_id)
+        ):
+            raise AuthenticationFailed("The credential's jti claim is malformed.")
         # pyjwt has checked that exp is a number; nbf, if present, has passed.
         expires_at = float(claims["exp"]) + self._settings.leeway
-        return Principal(subject=subject, scopes=parse_scope(scope)), expires_at
+        principal = Principal(
+            subject=subject,
+            scopes=parse_scope(scope),
+            jwt_id=jwt_id,
+            expires_at=expires_at,
+        )
+        return principal, expires_at
+
+
+class JwksVerifier(JwtVerifier):
+    """Verify gateway JWTs against the keys of a JSON Web Key Set.
+
+    Every JWT must name its key with ``kid``, and each key verifies only the
+    one algorithm it is pinned to, so a token cannot pick another algorithm
+    for a known key.
+    """
+
+    def __init__(
+        self, settings: JwtSettings, key_set: JwksKeySet, cache_size: int = 4096
+    ):
+        super().__init__(settings, None, cache_size)
+        self._key_set = key_set
+
+    async def verify_async(self, credential: str) -> Principal:
+        """Return the principal a JWT names, or raise AuthenticationFailed.
+
+        Raises KeySetUnavailable when the key set cannot be fetched and no
+        earlier copy is at hand.
+        """
+        cached = self._cache.get(credential)
+        if cached is not None:
+            return cached
+        check_shape(credential)
+        try:
+            header = jwt.get_unverified_header(credential)
+        except jwt.PyJWTError:
+            raise AuthenticationFailed("The credential is invalid.") from None
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not KEY_ID_PATTERN.fullmatch(kid):
+            raise AuthenticationFailed("The credential names no valid key id (kid).")
+        found = await self._key_set.key_for(kid)
+        if found is None:
+            raise AuthenticationFailed("The credential's key id is unknown.")
+        key, algorithm = found
+        principal, expires_at = self._decode(credential, key, [algorithm])
+        self._cache.put(credential, principal, expires_at)
+        return principal
+
+
+def check_shape(credential: str) -> None:
+    """Raise AuthenticationFailed unless ``credential`` looks like a JWT."""
+    if len(credential) > MAX_CREDENTIAL_LENGTH or not JWT_SHAPE.fullmatch(credential):
+        raise AuthenticationFailed("The credential is not a gateway credential.")
 
 
 def issue_jwt(
@@ -155,6 +235,8 @@ def issue_jwt(
         "nbf": issued_at,
         "exp": issued_at + ttl,
         "scope": " ".join(sorted(parse_scope(scope))),
+        # A random id, so that this one token can be revoked.
+        "jti": secrets.token_urlsafe(12),
     }
     if settings.issuer:
         claims["iss"] = settings.issuer

@@ -10,12 +10,14 @@ chained with ``from``, so request handling deals only with these types::
     │   ├── NoSuchEndpoint          404 UNKNOWN_API_ENDPOINT
     │   ├── MethodNotAllowed        405 METHOD_NOT_ALLOWED
     │   ├── PayloadTooLarge         413 PAYLOAD_TOO_LARGE
+    │   ├── RateLimitExceeded       429 RATE_LIMIT_EXCEEDED (gateway.ratelimit)
     │   └── UnsupportedMediaType    415 UNSUPPORTED_MEDIA_TYPE
     ├── CredentialError             the client's identity or rights (401/403)
     │   ├── CredentialRequired      401 CREDENTIAL_REQUIRED
     │   ├── AuthenticationFailed    401 AUTHENTICATION_FAILED
     │   ├── PermissionDenied        403 PERMISSION_DENIED
     │   └── AccessDenied            403 ACCESS_DENIED
+    ├── KeySetUnavailable           503 KEY_SET_UNAVAILABLE (JWKS fetch failed)
     ├── StoreError                  the token store (5xx)
     │   ├── StoreUnavailable        503 TOKEN_STORE_UNAVAILABLE
     │   └── StoredTokenInvalid      500 STORED_TOKEN_INVALID
@@ -189,6 +191,19 @@ class StoredTokenInvalid(StoreError):
     code = "STORED_TOKEN_INVALID"
     error_id = "0c7d5e1a-2b94-4f8e-9d36-a5f0e7b2c418"
     default_message = "The stored Misskey token for this principal is malformed."
+
+
+class KeySetUnavailable(GatewayError):
+    status = 503
+    code = "KEY_SET_UNAVAILABLE"
+    error_id = "d2e6b0c4-8f13-4a57-9c2e-5b7a1f0d3e86"
+    kind = "server"
+    default_message = (
+        "The keys that verify credentials could not be fetched. Please try again later."
+    )
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
 
 
 class UpstreamError(GatewayError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import json
 import os
@@ -13,8 +14,15 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from gateway.apikeys import API_KEY_PATTERN, digest_key, looks_like_api_key, matches
 from gateway.config import Settings
-from gateway.credentials import JwtVerifier, Principal, read_public_key
+from gateway.credentials import (
+    JwksVerifier,
+    JwtVerifier,
+    Principal,
+    parse_scope,
+    read_public_key,
+)
 from gateway.errors import (
     AccessDenied,
     AuthenticationFailed,
@@ -27,7 +35,9 @@ from gateway.errors import (
     UnsupportedMediaType,
     UpstreamUnavailable,
 )
+from gateway.jwks import JwksKeySet
 from gateway.policy import EndpointPolicy, Mode, PolicyTable, endpoint_from_path
+from gateway.ratelimit import RateLimiter, RateLimitExceeded
 from gateway.rewrite import (
     JsonBody,
     parse_json_body,
@@ -101,11 +111,13 @@ class ApiProxy:
         policy: PolicyTable,
         store: TokenStore,
         relay: Relay,
+        limiter: RateLimiter | None = None,
     ):
         self._settings = settings
         self._policy = policy
         self._store = store
         self._relay = relay
+        self._limiter = limiter
         self._verifier: JwtVerifier | None = None
         self._max_body_size = settings.server.max_body_size
 
@@ -184,6 +196,10 @@ class ApiProxy:
             credential = self._pick_credential(header_credential, query.credential)
 
         principal = await self._identify(credential, log)
+        if principal is not None and self._limiter is not None:
+            decision = await self._limiter.check(principal.subject)
+            if not decision.allowed:
+                raise RateLimitExceeded(decision.limit, decision.retry_after)
         # GET requests are forwarded without a token, for the reason above.
         token = await self._authorize(policy, principal, log, fetch=body is not None)
 
@@ -315,7 +331,11 @@ class ApiProxy:
 
     @staticmethod
     def _pick_credential(header: str | None, field_value: str | None) -> str | None:
-        if header is not None and field_value is not None and header != field_value:
+        if (
+            header is not None
+            and field_value is not None
+            and not hmac.compare_digest(header.encode(), field_value.encode())
+        ):
             raise InvalidRequest(
                 "The Authorization header and the 'i' field hold different credentials."
             )
@@ -327,14 +347,44 @@ class ApiProxy:
         if credential is None:
             log.fields["principal"] = None
             return None
-        verifier = self._verifier or await self._load_verifier()
-        principal = verifier.verify(credential)
+        if looks_like_api_key(credential):
+            log.fields["credential_type"] = "api_key"
+            principal = await self._identify_api_key(credential)
+        else:
+            log.fields["credential_type"] = "jwt"
+            verifier = self._verifier or await self._load_verifier()
+            if isinstance(verifier, JwksVerifier):
+                principal = await verifier.verify_async(credential)
+            else:
+                principal = verifier.verify(credential)
+            if principal.jwt_id is not None and await self._store.is_jwt_id_revoked(
+                principal.jwt_id
+            ):
+                raise AuthenticationFailed("The credential has been revoked.")
         log.fields["principal"] = principal.subject
         return principal
+
+    async def _identify_api_key(self, key: str) -> Principal:
+        if not API_KEY_PATTERN.fullmatch(key):
+            raise AuthenticationFailed("The API key is malformed.")
+        digest = digest_key(key)
+        record = await self._store.get_api_key(digest)
+        if record is None or not matches(record, digest):
+            raise AuthenticationFailed("The API key is unknown or revoked.")
+        return Principal(subject=record.principal, scopes=parse_scope(record.scope))
 
     async def _load_verifier(self) -> JwtVerifier:
         jwt_settings = self._settings.jwt
         key: str | bytes
+        if jwt_settings.jwks_url:
+            key_set = JwksKeySet(
+                jwt_settings.jwks_url,
+                jwt_settings.algorithms,
+                jwt_settings.jwks_cache_seconds,
+                jwt_settings.jwks_refetch_interval,
+            )
+            self._verifier = JwksVerifier(jwt_settings, key_set)
+            return self._verifier
         if jwt_settings.public_key_file:
             key = read_public_key(jwt_settings)
         elif jwt_settings.secret:

@@ -23,6 +23,7 @@ from typing import TypeVar
 
 import structlog
 
+from gateway.apikeys import ApiKeyRecord
 from gateway.errors import StoredTokenInvalid, StoreUnavailable
 from gateway.store import JWT_SECRET_BYTES, validate_token
 
@@ -35,6 +36,12 @@ SCHEMA_STATEMENTS = (
     "CREATE TABLE IF NOT EXISTS tokens ("
     " principal TEXT PRIMARY KEY, token TEXT NOT NULL, updated_at REAL NOT NULL)",
     "CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS api_keys ("
+    " digest TEXT PRIMARY KEY, key_id TEXT NOT NULL, principal TEXT NOT NULL,"
+    " scope TEXT NOT NULL, created_at REAL NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS api_keys_principal ON api_keys (principal)",
+    "CREATE TABLE IF NOT EXISTS revoked_jwt_ids ("
+    " jwt_id TEXT PRIMARY KEY, expires_at REAL NOT NULL)",
 )
 JWT_SECRET_NAME = "jwt"  # noqa: S105 - a row name, not a secret
 # Seconds a write waits for another process's write to finish.
@@ -74,6 +81,7 @@ class SqliteTokenStore:
         )
         self._connection: sqlite3.Connection | None = None
         self._tokens: dict[str, str] | None = None
+        self._revoked: frozenset[str] = frozenset()
         self._data_version: int | None = None
         self._checked_at = 0.0
 
@@ -88,17 +96,44 @@ class SqliteTokenStore:
 
     async def get_token(self, principal: str) -> str | None:
         """Return the stored token of ``principal``, or None if there is none."""
-        now = time.monotonic()
-        if self._tokens is None or now - self._checked_at >= self._poll_interval:
-            self._tokens = await self._run(self._refresh)
-            self._checked_at = now
-        token = self._tokens.get(principal)
+        tokens = await self._snapshot()
+        token = tokens.get(principal)
         if token is None:
             return None
         try:
             return validate_token(token)
         except ValueError:
             raise StoredTokenInvalid() from None
+
+    async def _snapshot(self) -> dict[str, str]:
+        """Return the tokens, reloaded if the file may have changed."""
+        now = time.monotonic()
+        if self._tokens is None or now - self._checked_at >= self._poll_interval:
+            self._tokens = await self._run(self._refresh)
+            self._checked_at = now
+        return self._tokens
+
+    async def revoke_jwt_id(self, jwt_id: str, expires_at: float) -> None:
+        """Reject JWTs with this jti until ``expires_at`` (UNIX seconds)."""
+
+        def write() -> None:
+            with self._db() as db:
+                db.execute(
+                    "INSERT OR REPLACE INTO revoked_jwt_ids (jwt_id, expires_at)"
+                    " VALUES (?, ?)",
+                    (jwt_id, expires_at),
+                )
+                # Revocations of expired JWTs are no longer needed.
+                db.execute(
+                    "DELETE FROM revoked_jwt_ids WHERE expires_at < ?", (time.time(),)
+                )
+
+        await self._run(write)
+        self._tokens = None
+
+    async def is_jwt_id_revoked(self, jwt_id: str) -> bool:
+        await self._snapshot()
+        return jwt_id in self._revoked
 
     def invalidate(self, principal: str) -> None:
         """Reload every token from the file on the next read."""
@@ -161,13 +196,79 @@ class SqliteTokenStore:
             raise StoreUnavailable(f"The JWT secret in {self.path} is too short.")
         return secret
 
+    async def put_api_key(self, record: ApiKeyRecord) -> None:
+        def write() -> None:
+            with self._db() as db:
+                db.execute(
+                    "INSERT INTO api_keys"
+                    " (digest, key_id, principal, scope, created_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (
+                        record.digest,
+                        record.key_id,
+                        record.principal,
+                        record.scope,
+                        record.created_at,
+                    ),
+                )
+
+        await self._run(write)
+
+    async def get_api_key(self, digest: str) -> ApiKeyRecord | None:
+        def read() -> ApiKeyRecord | None:
+            row = (
+                self._db()
+                .execute(
+                    "SELECT digest, key_id, principal, scope, created_at"
+                    " FROM api_keys WHERE digest = ?",
+                    (digest,),
+                )
+                .fetchone()
+            )
+            return ApiKeyRecord(*row) if row else None
+
+        return await self._run(read)
+
+    async def list_api_keys(self, principal: str) -> list[ApiKeyRecord]:
+        def read() -> list[ApiKeyRecord]:
+            rows = self._db().execute(
+                "SELECT digest, key_id, principal, scope, created_at FROM api_keys"
+                " WHERE principal = ? ORDER BY created_at",
+                (principal,),
+            )
+            return [ApiKeyRecord(*row) for row in rows]
+
+        return await self._run(read)
+
+    async def delete_api_keys(self, principal: str, key_id: str | None = None) -> int:
+        """Delete the principal's keys, or only the one with ``key_id``."""
+
+        def delete() -> int:
+            with self._db() as db:
+                if key_id is None:
+                    cursor = db.execute(
+                        "DELETE FROM api_keys WHERE principal = ?", (principal,)
+                    )
+                else:
+                    cursor = db.execute(
+                        "DELETE FROM api_keys WHERE principal = ? AND key_id = ?",
+                        (principal, key_id),
+                    )
+                return cursor.rowcount
+
+        return await self._run(delete)
+
     def _refresh(self) -> dict[str, str]:
-        """Reload every token if another connection changed the file."""
+        """Reload every token and revoked jti if another connection changed the file."""
         db = self._db()
         version = db.execute("PRAGMA data_version").fetchone()[0]
         if self._tokens is not None and version == self._data_version:
             return self._tokens
         rows = db.execute("SELECT principal, token FROM tokens").fetchall()
+        revoked = db.execute(
+            "SELECT jwt_id FROM revoked_jwt_ids WHERE expires_at >= ?", (time.time(),)
+        ).fetchall()
+        self._revoked = frozenset(row[0] for row in revoked)
         self._data_version = version
         return {principal: token for principal, token in rows}
 

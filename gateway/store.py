@@ -7,7 +7,8 @@ embedded SQLite file for a single machine (``gateway.sqlite_store``).
 In Redis the token of principal P lives under ``<prefix>token:P`` as a plain
 string, so any tool that writes Redis can rotate it (``redis-cli SET``). The
 gateway reads it on every request, so a changed token is used on the next
-request.
+request. ``gateway.redis_client`` creates the client for a single server, a
+Sentinel-managed master or a cluster.
 """
 
 from __future__ import annotations
@@ -20,12 +21,18 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import redis.asyncio as redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
 
+from gateway.apikeys import ApiKeyRecord
 from gateway.config import RedisSettings, Settings, redact_url, sqlite_path, store_kind
 from gateway.errors import StoredTokenInvalid, StoreUnavailable
+from gateway.redis_client import (
+    REDIS_ERRORS,
+    RedisClient,
+    create_client,
+    create_subscriber_client,
+)
 
 # Misskey tokens are short alphanumeric strings; anything with whitespace,
 # control characters or non-ASCII text was stored by mistake and is never
@@ -75,6 +82,22 @@ class TokenStore(Protocol):
 
     async def jwt_secret(self) -> bytes: ...
 
+    async def put_api_key(self, record: ApiKeyRecord) -> None: ...
+
+    async def revoke_jwt_id(self, jwt_id: str, expires_at: float) -> None:
+        """Reject JWTs with this jti until ``expires_at`` (UNIX seconds)."""
+        ...
+
+    async def is_jwt_id_revoked(self, jwt_id: str) -> bool: ...
+
+    async def get_api_key(self, digest: str) -> ApiKeyRecord | None: ...
+
+    async def list_api_keys(self, principal: str) -> list[ApiKeyRecord]: ...
+
+    async def delete_api_keys(self, principal: str, key_id: str | None = None) -> int:
+        """Delete the principal's API keys, or only the one with ``key_id``."""
+        ...
+
 
 def open_store(settings: Settings) -> TokenStore:
     """Create the store that ``store.url`` names; connections open on first use."""
@@ -92,7 +115,9 @@ def open_serving_store(settings: Settings) -> TokenStore:
     if isinstance(store, RedisTokenStore) and settings.store.cache_ttl > 0:
         from gateway.token_cache import CachedTokenStore
 
-        cached = CachedTokenStore(store, settings.store.cache_ttl)
+        cached = CachedTokenStore(
+            store, settings.store.cache_ttl, settings.store.stale_limit
+        )
         cached.start()
         return cached
     return store
@@ -114,15 +139,7 @@ class RedisTokenStore:
     def __init__(self, settings: RedisSettings):
         self.settings = settings
         self.description = f"redis {redact_url(settings.url)}"
-        # One quick retry covers a connection that Redis closed while idle;
-        # more would hold requests during an outage that should be a fast 503.
-        self._client: redis.Redis = redis.Redis.from_url(
-            settings.url,
-            socket_timeout=settings.timeout,
-            socket_connect_timeout=settings.timeout,
-            retry=Retry(NoBackoff(), 1),
-            decode_responses=False,
-        )
+        self._client: RedisClient = create_client(settings)
 
     def token_key(self, principal: str) -> str:
         return f"{self.settings.prefix}token:{principal}"
@@ -142,9 +159,12 @@ class RedisTokenStore:
         try:
             value = await self._client.get(self.token_key(principal))
         except ResponseError as error:
-            # WRONGTYPE: the key holds a hash, list or set, not a string.
-            raise StoredTokenInvalid() from error
-        except RedisError as error:
+            if str(error).startswith("WRONGTYPE"):
+                # The key holds a hash, list or set, not a string.
+                raise StoredTokenInvalid() from error
+            # NOPERM, CLUSTERDOWN, MASTERDOWN and the like.
+            raise StoreUnavailable() from error
+        except REDIS_ERRORS as error:
             raise StoreUnavailable() from error
         if value is None:
             return None
@@ -165,37 +185,53 @@ class RedisTokenStore:
     async def set_token(self, principal: str, token: str) -> None:
         """Store the token and announce the change to every gateway replica."""
         validate_token(token)
-        try:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.set(self.token_key(principal), token)
-                pipe.publish(self.rotation_channel, principal)
-                await pipe.execute()
-        except RedisError as error:
-            raise StoreUnavailable() from error
+        await self._write_and_announce("SET", principal, token)
 
     async def delete_token(self, principal: str) -> bool:
         """Delete the token of ``principal``; return whether one was stored."""
-        try:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.delete(self.token_key(principal))
-                pipe.publish(self.rotation_channel, principal)
-                deleted, _ = await pipe.execute()
-        except RedisError as error:
-            raise StoreUnavailable() from error
+        deleted = await self._write_and_announce("DEL", principal)
         return bool(deleted)
 
-    def subscriber_client(self) -> redis.Redis:
+    async def _write_and_announce(
+        self, command: str, principal: str, *args: str
+    ) -> Any:
+        """Run SET or DEL on the principal's key, then PUBLISH the principal.
+
+        Return the reply to the write. Outside a cluster both run in one
+        MULTI/EXEC. A cluster cannot run them in one transaction, because
+        PUBLISH has no key to tie it to the key's slot, so the write comes
+        first and a replica that reacts to the message reads the new value.
+        When the PUBLISH fails after the write, this raises StoreUnavailable
+        and other replicas see the change once their cached entry expires.
+        """
+        key = self.token_key(principal)
+        try:
+            if isinstance(self._client, RedisCluster):
+                reply = await self._client.execute_command(command, key, *args)
+                # Any node passes a PUBLISH on to the whole cluster. The node
+                # that just took the write is the one most likely to answer;
+                # redis-py would otherwise pick a random node.
+                node = self._client.get_node_from_key(key)
+                await self._client.publish(
+                    self.rotation_channel, principal, target_nodes=node
+                )
+                return reply
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.execute_command(command, key, *args)
+                pipe.publish(self.rotation_channel, principal)
+                reply, _ = await pipe.execute()
+                return reply
+        except REDIS_ERRORS as error:
+            raise StoreUnavailable() from error
+
+    def subscriber_client(self, attempt: int = 0) -> redis.Redis:
         """Return a client of its own for waiting on the rotation channel.
 
         It has no read timeout, because it waits for messages indefinitely;
-        a PING every 15 seconds finds a dead connection instead.
+        a PING every 15 seconds finds a dead connection instead. In a cluster
+        it connects to one node, a different one for each ``attempt``.
         """
-        return redis.Redis.from_url(
-            self.settings.url,
-            socket_timeout=None,
-            socket_connect_timeout=self.settings.timeout,
-            health_check_interval=15,
-        )
+        return create_subscriber_client(self.settings, self._client, attempt)
 
     async def principals(self) -> list[str]:
         """Return every principal with a stored token, sorted."""
@@ -204,7 +240,7 @@ class RedisTokenStore:
         try:
             async for key in self._scan(prefix):
                 found.append(key.decode()[len(prefix) :])
-        except RedisError as error:
+        except REDIS_ERRORS as error:
             raise StoreUnavailable() from error
         return sorted(found)
 
@@ -225,16 +261,115 @@ class RedisTokenStore:
             )
         return bytes(secret)
 
+    @property
+    def client(self) -> RedisClient:
+        """The Redis client, shared with the rate limiter."""
+        return self._client
+
+    def revoked_jwt_id_key(self, jwt_id: str) -> str:
+        return f"{self.settings.prefix}revoked-jti:{jwt_id}"
+
+    async def revoke_jwt_id(self, jwt_id: str, expires_at: float) -> None:
+        """Reject JWTs with this jti until ``expires_at``, on every replica.
+
+        The key expires with the JWT, so revocations clean up after
+        themselves; the message on the rotation channel drops the replicas'
+        cached answers for this jti.
+        """
+        key = self.revoked_jwt_id_key(jwt_id)
+        await self._call(self._client.set, key, "1", exat=int(expires_at) + 1)
+        await self._call(self._client.publish, self.rotation_channel, f"jti:{jwt_id}")
+
+    async def is_jwt_id_revoked(self, jwt_id: str) -> bool:
+        return bool(
+            await self._call(self._client.exists, self.revoked_jwt_id_key(jwt_id))
+        )
+
+    def api_key_key(self, digest: str) -> str:
+        return f"{self.settings.prefix}apikey:{digest}"
+
+    def api_key_index(self, principal: str) -> str:
+        return f"{self.settings.prefix}apikeys:{principal}"
+
+    async def put_api_key(self, record: ApiKeyRecord) -> None:
+        """Store an API key's record and list it under its principal.
+
+        Two commands rather than one transaction, because in a cluster the
+        two keys live in different slots.
+        """
+        fields = {
+            "key_id": record.key_id,
+            "principal": record.principal,
+            "scope": record.scope,
+            "created_at": repr(record.created_at),
+        }
+        await self._call(
+            self._client.hset, self.api_key_key(record.digest), mapping=fields
+        )
+        await self._call(
+            self._client.sadd, self.api_key_index(record.principal), record.digest
+        )
+
+    async def get_api_key(self, digest: str) -> ApiKeyRecord | None:
+        fields = await self._call(self._client.hgetall, self.api_key_key(digest))
+        return _api_key_record(digest, fields)
+
+    async def list_api_keys(self, principal: str) -> list[ApiKeyRecord]:
+        digests = await self._call(self._client.smembers, self.api_key_index(principal))
+        records = []
+        for raw in digests:
+            digest = raw.decode() if isinstance(raw, bytes) else raw
+            record = await self.get_api_key(digest)
+            if record is not None:
+                records.append(record)
+        return sorted(records, key=lambda record: record.created_at)
+
+    async def delete_api_keys(self, principal: str, key_id: str | None = None) -> int:
+        """Delete the principal's API keys, or only the one with ``key_id``."""
+        deleted = 0
+        for record in await self.list_api_keys(principal):
+            if key_id is not None and record.key_id != key_id:
+                continue
+            await self._call(self._client.delete, self.api_key_key(record.digest))
+            await self._call(
+                self._client.srem, self.api_key_index(principal), record.digest
+            )
+            deleted += 1
+        return deleted
+
     async def _scan(self, prefix: str) -> AsyncIterator[bytes]:
         pattern = _glob_escape(prefix) + "*"
+        # In a cluster, scan_iter walks every master in turn.
         async for key in self._client.scan_iter(match=pattern, count=500):
             yield key
 
     async def _call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return await method(*args, **kwargs)
-        except RedisError as error:
+        except REDIS_ERRORS as error:
             raise StoreUnavailable() from error
+
+
+def _api_key_record(digest: str, fields: dict[Any, Any]) -> ApiKeyRecord | None:
+    """Build a record from a Redis hash; None when it is missing or damaged."""
+    if not fields:
+        return None
+    values = {
+        (k.decode() if isinstance(k, bytes) else k): (
+            v.decode() if isinstance(v, bytes) else v
+        )
+        for k, v in fields.items()
+    }
+    try:
+        return ApiKeyRecord(
+            digest=digest,
+            key_id=values["key_id"],
+            principal=values["principal"],
+            scope=values["scope"],
+            created_at=float(values["created_at"]),
+        )
+    except (KeyError, ValueError):
+        return None
 
 
 def _glob_escape(text: str) -> str:

@@ -10,8 +10,8 @@ A message can be lost (the subscription drops, or a tool forgets to
 publish), so entries also expire after ``ttl`` seconds; that is the bound on
 staleness, with or without the subscription. The cache is emptied whenever
 the subscription is (re)established, since messages may have been missed in
-between. While Redis is unreachable, cached tokens keep being used until
-they expire; other requests get 503.
+between. While Redis is unreachable, cached tokens keep being used for up to
+``stale_limit`` seconds past their expiry; other requests get 503.
 """
 
 from __future__ import annotations
@@ -21,14 +21,19 @@ import time
 from dataclasses import dataclass
 
 import structlog
-from redis.exceptions import RedisError
 
+from gateway.apikeys import ApiKeyRecord
+from gateway.errors import StoreUnavailable
+from gateway.redis_client import REDIS_ERRORS
 from gateway.store import RedisTokenStore
 
 logger = structlog.get_logger("gateway.store")
 
 MAX_ENTRIES = 100_000
+# Prefix of cache entries for JWT ids; principals cannot contain ":".
+JWT_ID_ENTRY = "jti:"
 RECONNECT_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
+SUBSCRIPTION_ERRORS: tuple[type[Exception], ...] = (*REDIS_ERRORS, OSError)
 
 
 @dataclass(frozen=True)
@@ -42,12 +47,17 @@ class CachedTokenStore:
 
     kind = "redis"
 
-    def __init__(self, inner: RedisTokenStore, ttl: float):
+    def __init__(self, inner: RedisTokenStore, ttl: float, stale_limit: float = 0.0):
         self.inner = inner
         self.description = inner.description
         self.ttl = ttl
+        # Seconds past ``ttl`` a cached token is still used while Redis is
+        # unreachable. A principal cached as having no token gets 503 instead.
+        self.stale_limit = stale_limit
         self.hits = 0
         self.misses = 0
+        self.stale_hits = 0
+        self._serving_stale = False
         self._entries: dict[str, _Entry] = {}
         # Bumped by every invalidation, so a read that raced one is not cached.
         self._generation = 0
@@ -91,7 +101,21 @@ class CachedTokenStore:
 
         self.misses += 1
         generation = self._generation
-        token = await self.inner.get_token(principal)
+        try:
+            token = await self.inner.get_token(principal)
+        except StoreUnavailable:
+            if (
+                entry is not None
+                and entry.token is not None
+                and now < entry.expires_at + self.stale_limit
+            ):
+                self.stale_hits += 1
+                if not self._serving_stale:
+                    self._serving_stale = True
+                    logger.warning("store.serving_stale", stale_limit=self.stale_limit)
+                return entry.token
+            raise
+        self._serving_stale = False
         if generation == self._generation:
             if len(self._entries) >= MAX_ENTRIES:
                 del self._entries[next(iter(self._entries))]
@@ -113,6 +137,51 @@ class CachedTokenStore:
     async def jwt_secret(self) -> bytes:
         return await self.inner.jwt_secret()
 
+    async def revoke_jwt_id(self, jwt_id: str, expires_at: float) -> None:
+        await self.inner.revoke_jwt_id(jwt_id, expires_at)
+        self.invalidate(JWT_ID_ENTRY + jwt_id)
+
+    async def is_jwt_id_revoked(self, jwt_id: str) -> bool:
+        """Return whether a jti is revoked, cached like tokens.
+
+        The answer is cached under ``jti:<jti>``, a name no principal can have,
+        and dropped by the ``jti:<jti>`` message that a revocation publishes.
+        """
+        name = JWT_ID_ENTRY + jwt_id
+        now = time.monotonic()
+        entry = self._entries.get(name)
+        if entry is not None and now < entry.expires_at:
+            return entry.token is not None
+        generation = self._generation
+        try:
+            revoked = await self.inner.is_jwt_id_revoked(jwt_id)
+        except StoreUnavailable:
+            if entry is not None and now < entry.expires_at + self.stale_limit:
+                return entry.token is not None
+            raise
+        if generation == self._generation:
+            self._remember(name, "revoked" if revoked else None, now)
+        return revoked
+
+    def _remember(self, name: str, value: str | None, now: float) -> None:
+        if len(self._entries) >= MAX_ENTRIES:
+            del self._entries[next(iter(self._entries))]
+        self._entries[name] = _Entry(value, now + self.ttl)
+
+    # API keys are not cached: a revoked key stops working at once.
+
+    async def put_api_key(self, record: ApiKeyRecord) -> None:
+        await self.inner.put_api_key(record)
+
+    async def get_api_key(self, digest: str) -> ApiKeyRecord | None:
+        return await self.inner.get_api_key(digest)
+
+    async def list_api_keys(self, principal: str) -> list[ApiKeyRecord]:
+        return await self.inner.list_api_keys(principal)
+
+    async def delete_api_keys(self, principal: str, key_id: str | None = None) -> int:
+        return await self.inner.delete_api_keys(principal, key_id)
+
     def invalidate(self, principal: str) -> None:
         self._generation += 1
         self._entries.pop(principal, None)
@@ -124,26 +193,34 @@ class CachedTokenStore:
     async def _listen(self) -> None:
         channel = self.inner.rotation_channel
         failures = 0
+        # Counts every connection attempt, so that in a cluster each attempt
+        # subscribes through the next node.
+        attempts = 0
         while True:
-            client = self.inner.subscriber_client()
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            client = self.inner.subscriber_client(attempts)
+            attempts += 1
+            pubsub = client.pubsub()
             try:
                 await pubsub.subscribe(channel)
-                # Messages published before this point were missed.
-                self.invalidate_all()
-                self._subscribed.set()
-                if failures:
-                    logger.info("store.subscription_restored", channel=channel)
-                failures = 0
                 async for message in pubsub.listen():
-                    if message.get("type") == "message":
+                    kind = message.get("type")
+                    if kind == "subscribe":
+                        # The server confirmed the subscription. Messages
+                        # published before this point were missed.
+                        self.invalidate_all()
+                        self._subscribed.set()
+                        if failures:
+                            logger.info("store.subscription_restored", channel=channel)
+                        failures = 0
+                    elif kind == "message":
                         principal = message["data"]
                         if isinstance(principal, bytes):
                             principal = principal.decode("utf-8", "replace")
                         self.invalidate(principal)
-            except (RedisError, OSError) as error:
+            except SUBSCRIPTION_ERRORS as error:
+                # Cached entries stay: they expire on their own, and the cache
+                # is emptied when the subscription comes back.
                 self._subscribed.clear()
-                self.invalidate_all()
                 if failures == 0:
                     logger.warning(
                         "store.subscription_lost", channel=channel, error=str(error)

@@ -36,7 +36,7 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server process on a free loopback port, keeping nothing on disk."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, persistent: bool = False):
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError(
@@ -45,6 +45,7 @@ class RedisServer:
         self.binary = binary
         self.directory = directory
         self.port = free_port()
+        self.persistent = persistent
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -58,7 +59,9 @@ class RedisServer:
                 "--port", str(self.port),
                 "--bind", "127.0.0.1",
                 "--save", "",
-                "--appendonly", "no",
+                # A persistent server reloads its data when restarted.
+                "--appendonly", "yes" if self.persistent else "no",
+                "--appendfsync", "always",
                 "--dir", str(self.directory),
                 "--loglevel", "warning",
             ],

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,14 +69,19 @@ def base64url(data: bytes) -> str:
 def test_issue_verify_roundtrip():
     token = issue_jwt(HS256, SECRET, "alice", "write:notes read:account", 300)
     principal = verify_hs256(token)
+    claims = jwt.decode(token, options={"verify_signature": False})
     assert principal == Principal(
-        subject="alice", scopes=frozenset({"read:account", "write:notes"})
+        subject="alice",
+        scopes=frozenset({"read:account", "write:notes"}),
+        jwt_id=claims["jti"],
+        expires_at=claims["exp"] + HS256.leeway,
     )
 
 
 def test_issue_claims():
     token = issue_jwt(HS256, SECRET, "bob", "write:notes  read:account", 600, now=1000)
     claims = jwt.decode(token, options={"verify_signature": False})
+    jwt_id = claims.pop("jti")
     assert claims == {
         "sub": "bob",
         "iat": 1000,
@@ -83,6 +89,7 @@ def test_issue_claims():
         "exp": 1600,
         "scope": "read:account write:notes",
     }
+    assert re.fullmatch(r"[A-Za-z0-9_-]{16}", jwt_id)
     assert jwt.get_unverified_header(token)["alg"] == "HS256"
 
 

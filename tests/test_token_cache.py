@@ -31,7 +31,10 @@ async def started(start_gateway, **overrides):
 
 
 async def call_i(gateway) -> str:
-    response = await gateway.client.post("/api/i", json={}, headers=gateway.bearer())
+    # One JWT per gateway, as a real client reuses its JWT: each new JWT's id
+    # is checked against the revocation list once.
+    headers = gateway.__dict__.setdefault("alice_headers", gateway.bearer())
+    response = await gateway.client.post("/api/i", json={}, headers=headers)
     assert response.status == 200
     return gateway.fake.requests_to("i")[-1].token
 
@@ -129,7 +132,9 @@ async def test_cached_token_survives_outage(start_gateway, tmp_path):
         )
         await call_i(gateway)
         server.stop()
-        cached = await gateway.client.post("/api/i", json={}, headers=gateway.bearer())
+        cached = await gateway.client.post(
+            "/api/i", json={}, headers=gateway.alice_headers
+        )
         uncached = await gateway.client.post(
             "/api/i", json={}, headers=gateway.bearer("bob")
         )
@@ -209,3 +214,103 @@ async def test_rejected_unchanged_token_not_retried(start_gateway):
     assert response.status == 401
     assert error["code"] == "AUTHENTICATION_FAILED"
     assert len(gateway.fake.requests_to("i")) == 1
+
+
+async def test_stale_token_used_within_limit(start_gateway, tmp_path):
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        gateway = await started(
+            start_gateway,
+            **{
+                "store.url": server.url,
+                "store.cache_ttl": 0.2,
+                "store.stale_limit": 30,
+            },
+        )
+        await call_i(gateway)
+        server.stop()
+        await asyncio.sleep(0.3)  # past the TTL
+        stale = await gateway.client.post(
+            "/api/i", json={}, headers=gateway.alice_headers
+        )
+    finally:
+        server.stop()
+
+    assert stale.status == 200
+    assert gateway.store.stale_hits >= 1
+
+
+async def test_stale_limit_exceeded_is_503(start_gateway, tmp_path):
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        gateway = await started(
+            start_gateway,
+            **{
+                "store.url": server.url,
+                "store.cache_ttl": 0.1,
+                "store.stale_limit": 0.2,
+            },
+        )
+        await call_i(gateway)
+        server.stop()
+        await asyncio.sleep(0.4)  # past TTL and stale limit
+        response = await gateway.client.post(
+            "/api/i", json={}, headers=gateway.bearer()
+        )
+    finally:
+        server.stop()
+
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "1"
+
+
+async def test_outage_under_load_never_401(start_gateway, tmp_path):
+    server = RedisServer(tmp_path, persistent=True)
+    server.start()
+    principals = [f"user{n}" for n in range(6)]
+    try:
+        gateway = await start_gateway(
+            **{
+                "store.url": server.url,
+                "store.cache_ttl": 0.3,
+                "store.stale_limit": 0.5,
+            }
+        )
+        for principal in principals:
+            gateway.fake.add_token(f"token-{principal}", principal)
+            await gateway.store_token(principal, f"token-{principal}")
+        statuses: list[tuple[float, int]] = []
+        stop = asyncio.Event()
+
+        async def load(principal: str) -> None:
+            headers = gateway.bearer(principal)
+            for _ in range(5000):
+                if stop.is_set():
+                    return
+                response = await gateway.client.post(
+                    "/api/notes/create", json={"text": "x"}, headers=headers
+                )
+                await response.read()
+                statuses.append((time.monotonic(), response.status))
+                await asyncio.sleep(0.005)
+
+        workers = [asyncio.create_task(load(p)) for p in principals]
+        await asyncio.sleep(0.3)
+        server.stop()
+        await asyncio.sleep(1.5)
+        server.start()
+        restarted_at = time.monotonic()
+        await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.gather(*workers)
+    finally:
+        server.stop()
+
+    codes = {status for _, status in statuses}
+    assert codes <= {200, 503}
+    assert 503 in codes
+    assert [s for t, s in statuses if t > restarted_at + 0.5].count(200) > 10
+    sent = gateway.fake.requests_to("notes/create")
+    assert all(r.token is not None for r in sent)
