@@ -36,6 +36,7 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.jwks import JwksKeySet
+from gateway.multipart import MultipartRewriter, parse_boundary
 from gateway.policy import EndpointPolicy, Mode, PolicyTable, endpoint_from_path
 from gateway.ratelimit import RateLimiter, RateLimitExceeded
 from gateway.rewrite import (
@@ -57,6 +58,9 @@ logger = structlog.get_logger("gateway.request")
 
 REQUEST_ID_HEADER = "X-Request-Id"
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Endpoints that take a file as multipart/form-data: Misskey's only endpoint
+# with requireFile.
+MULTIPART_ENDPOINTS = frozenset({"drive/files/create"})
 # Largest upstream 401 body read to look for AUTHENTICATION_FAILED.
 MAX_ERROR_BODY = 64 * 1024
 # Content types whose body Misskey parses as JSON. A missing type and
@@ -187,6 +191,10 @@ class ApiProxy:
         query = strip_query_credential(raw_query)
         header_credential = self._header_credential(request)
         body: JsonBody | None = None
+        if method == "POST" and _media_type(request) == "multipart/form-data":
+            return await self._handle_upload(
+                request, endpoint, policy, header_credential, query.query, log
+            )
         if method == "POST":
             body = parse_json_body(await self._read_body(request))
             credential = self._pick_credential(
@@ -196,10 +204,7 @@ class ApiProxy:
             credential = self._pick_credential(header_credential, query.credential)
 
         principal = await self._identify(credential, log)
-        if principal is not None and self._limiter is not None:
-            decision = await self._limiter.check(principal.subject)
-            if not decision.allowed:
-                raise RateLimitExceeded(decision.limit, decision.retry_after)
+        await self._check_rate_limit(principal)
         # GET requests are forwarded without a token, for the reason above.
         token = await self._authorize(policy, principal, log, fetch=body is not None)
 
@@ -274,20 +279,93 @@ class ApiProxy:
         log.fields["retried"] = True
         return fresh
 
-    async def _read_body(self, request: web.Request) -> bytes:
-        media_type = _media_type(request)
-        if media_type not in JSON_MEDIA_TYPES and not media_type.endswith("+json"):
-            if media_type.startswith("multipart/"):
-                raise UnsupportedMediaType(
-                    "Multipart bodies are not supported by this gateway; send JSON."
-                )
+    async def _handle_upload(
+        self,
+        request: web.Request,
+        endpoint: str,
+        policy: EndpointPolicy,
+        header_credential: str | None,
+        query: str,
+        log: RequestLog,
+    ) -> web.StreamResponse:
+        """Stream a multipart upload upstream, with ``i`` parts rewritten."""
+        if endpoint not in MULTIPART_ENDPOINTS:
             raise UnsupportedMediaType(
-                f"Unsupported content type {media_type!r}; send application/json."
+                f"{endpoint} takes JSON; only {', '.join(sorted(MULTIPART_ENDPOINTS))} "
+                "takes multipart/form-data."
             )
+        self._reject_compressed(request)
+        limit = self._settings.server.max_upload_size
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge(
+                f"The upload is larger than {limit} bytes.", {"limit": limit}
+            )
+        boundary = parse_boundary(request.headers.get("Content-Type", ""))
+        rewriter = MultipartRewriter(boundary, request.content.iter_any(), limit)
+        leading = await rewriter.read_leading_fields()
+        credential = self._pick_credential(header_credential, leading.credential)
+
+        principal = await self._identify(credential, log)
+        await self._check_rate_limit(principal)
+        token = await self._authorize(policy, principal, log, fetch=True)
+        log.fields["token_injected"] = token is not None
+        log.fields["upload"] = True
+
+        headers = forward_request_headers(request.headers)
+        headers.append(("X-Forwarded-For", request.remote or ""))
+        headers.append(("X-Forwarded-Proto", request.scheme))
+        headers.append((REQUEST_ID_HEADER, log.request_id))
+        target = f"/api/{endpoint}?{query}" if query else f"/api/{endpoint}"
+        upstream_started = time.perf_counter()
+        # A streamed body cannot be sent twice, so a rejected token is relayed
+        # as Misskey answered it, without the retry JSON requests get.
+        upstream = await self._relay.send_streaming(
+            "POST", target, headers, rewriter.stream(token), log.timings
+        )
+        log.fields["upstream_status"] = upstream.status
+        response = await self._relay.respond(
+            request, upstream, {REQUEST_ID_HEADER: log.request_id}
+        )
+        log.timings["upstream_ms"] = (time.perf_counter() - upstream_started) * 1000
+        return response
+
+    # Public entry points for the /streaming route (gateway.streaming), which
+    # identifies and limits clients exactly like the API path.
+
+    def header_credential(self, request: web.Request) -> str | None:
+        """Return the Bearer credential, or None; raise when the header is invalid."""
+        return self._header_credential(request)
+
+    async def identify(
+        self, credential: str | None, log: RequestLog
+    ) -> Principal | None:
+        """Return the principal a gateway credential names, or None for none."""
+        return await self._identify(credential, log)
+
+    async def check_rate_limit(self, principal: Principal | None) -> None:
+        """Raise RateLimitExceeded when the principal is over its limit."""
+        await self._check_rate_limit(principal)
+
+    async def _check_rate_limit(self, principal: Principal | None) -> None:
+        if principal is not None and self._limiter is not None:
+            decision = await self._limiter.check(principal.subject)
+            if not decision.allowed:
+                raise RateLimitExceeded(decision.limit, decision.retry_after)
+
+    @staticmethod
+    def _reject_compressed(request: web.Request) -> None:
         if request.headers.get("Content-Encoding", "identity").lower() != "identity":
             # A compressed body cannot be checked or rewritten without
             # inflating it, which the gateway does not do.
             raise UnsupportedMediaType("Compressed request bodies are not supported.")
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        media_type = _media_type(request)
+        if media_type not in JSON_MEDIA_TYPES and not media_type.endswith("+json"):
+            raise UnsupportedMediaType(
+                f"Unsupported content type {media_type!r}; send application/json."
+            )
+        self._reject_compressed(request)
 
         limit = self._max_body_size
         if request.content_length is not None and request.content_length > limit:

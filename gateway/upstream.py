@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -110,6 +110,22 @@ class Relay:
         """
         started = time.perf_counter()
         upstream = await self._pool.request(method, path_and_query, headers, body)
+        timings["upstream_headers_ms"] = (time.perf_counter() - started) * 1000
+        return upstream
+
+    async def send_streaming(
+        self,
+        method: str,
+        path_and_query: str,
+        headers: list[tuple[str, str]],
+        body: AsyncIterator[bytes],
+        timings: dict[str, float],
+    ) -> UpstreamResponse:
+        """Send a request with a streamed body (``UpstreamPool.request_streaming``)."""
+        started = time.perf_counter()
+        upstream = await self._pool.request_streaming(
+            method, path_and_query, headers, body
+        )
         timings["upstream_headers_ms"] = (time.perf_counter() - started) * 1000
         return upstream
 

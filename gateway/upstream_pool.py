@@ -61,6 +61,13 @@ class UpstreamResponse:
         self._headers_ready: asyncio.Future[None] = loop.create_future()
         self._data_waiter: asyncio.Future[None] | None = None
         self._released = False
+        # Set when the upstream responded before the request body was sent in
+        # full; the connection's state is then unknown.
+        self.request_incomplete = False
+
+    @property
+    def headers_arrived(self) -> bool:
+        return self._headers_ready.done()
 
     @property
     def complete(self) -> bool:
@@ -116,6 +123,12 @@ class UpstreamResponse:
             finally:
                 self._data_waiter = None
 
+    def discard(self) -> None:
+        """Close the connection of a failed exchange nobody will read."""
+        if self._headers_ready.done() and not self._headers_ready.cancelled():
+            self._headers_ready.exception()  # mark the failure as seen
+        self.release()
+
     def release(self) -> None:
         """Return the connection to the pool, or close it if it cannot be reused."""
         if self._released:
@@ -123,6 +136,7 @@ class UpstreamResponse:
         self._released = True
         reusable = (
             self._complete
+            and not self.request_incomplete
             and self._error is None
             and not self._chunks
             and not self._head_only
@@ -196,6 +210,8 @@ class _Connection(asyncio.Protocol):
         self._read_timer: asyncio.TimerHandle | None = None
         self._paused = False
         self._informational = False
+        self._writable = asyncio.Event()
+        self._writable.set()
 
     # asyncio.Protocol
 
@@ -227,8 +243,15 @@ class _Connection(asyncio.Protocol):
             )
         return None
 
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._writable.set()
         self._cancel_read_timer()
         self._fail_current(
             exc or ConnectionResetError("the upstream closed the connection")
@@ -276,14 +299,34 @@ class _Connection(asyncio.Protocol):
 
     # Used by the pool and the response
 
-    def send(self, request: bytes, method: str) -> UpstreamResponse:
+    def send(self, request: bytes, method: str, timed: bool = True) -> UpstreamResponse:
         if self.transport is None:
             raise UpstreamUnavailable("The upstream connection is not open.")
         self._response = UpstreamResponse(self, method, self._loop)
         self._parser = httptools.HttpResponseParser(self)
         self.transport.write(request)
-        self._restart_read_timer()
+        if timed:
+            self._restart_read_timer()
         return self._response
+
+    def start_read_timer(self) -> None:
+        """Start waiting for the response, once a streamed body has been sent."""
+        if self._response is not None and not self._response.headers_arrived:
+            self._restart_read_timer()
+
+    async def write_body_chunk(self, data: bytes) -> None:
+        """Write one chunk of a chunked request body; wait while buffers are full."""
+        if self.transport is None or self.closed:
+            raise ConnectionResetError("the upstream closed the connection")
+        self.transport.write(b"%x\r\n" % len(data) + data + b"\r\n")
+        await self._writable.wait()
+        if self.closed:
+            raise ConnectionResetError("the upstream closed the connection")
+
+    def write_raw(self, data: bytes) -> None:
+        if self.transport is None or self.closed:
+            raise ConnectionResetError("the upstream closed the connection")
+        self.transport.write(data)
 
     def finish(self, reusable: bool) -> None:
         self._response = None
@@ -395,6 +438,53 @@ class UpstreamPool:
             raise
         return response
 
+    async def request_streaming(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: AsyncIterator[bytes],
+    ) -> UpstreamResponse:
+        """Send a request whose body is streamed with chunked framing.
+
+        The body is never held in full and never retried. If the upstream
+        responds before the body is complete (a 413, say), sending stops and
+        that response is returned; the connection is then not reused.
+        An exception raised by ``body`` itself ends the request: the
+        upstream sees an incomplete body on a connection that is closed.
+        """
+        head = self._encode_head(method, target, headers, None, chunked=True)
+        connection = await self._acquire()
+        # The read timeout starts once the body is sent: an upload may take
+        # longer than the upstream's silence is allowed to.
+        response = connection.send(head, method, timed=False)
+        try:
+            async for piece in body:
+                if response.headers_arrived:
+                    response.request_incomplete = True
+                    break
+                if piece:
+                    await connection.write_body_chunk(piece)
+            else:
+                connection.write_raw(b"0\r\n\r\n")
+        except ConnectionError:
+            # The upstream stopped reading; its response, if any, follows.
+            response.request_incomplete = True
+        except BaseException:
+            response.fail(ConnectionAbortedError("the request body failed"))
+            response.discard()
+            raise
+        connection.start_read_timer()
+        try:
+            await response._headers_ready
+        except TimeoutError as error:
+            response.release()
+            raise UpstreamTimeout() from error
+        except (OSError, UpstreamProtocolError) as error:
+            response.release()
+            raise UpstreamUnavailable() from error
+        return response
+
     async def close(self) -> None:
         for connection in list(self._all):
             connection.close()
@@ -406,10 +496,13 @@ class UpstreamPool:
         target: str,
         headers: list[tuple[str, str]],
         body: bytes | None,
+        chunked: bool = False,
     ) -> bytes:
         lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host_header}"]
         lines.extend(f"{name}: {value}" for name, value in headers)
-        if body is not None:
+        if chunked:
+            lines.append("Transfer-Encoding: chunked")
+        elif body is not None:
             lines.append(f"Content-Length: {len(body)}")
         lines.append("\r\n")
         return "\r\n".join(lines).encode("latin-1")
