@@ -59,6 +59,9 @@ class ServerSettings:
     port: int = 8080
     workers: int = 1
     max_body_size: int = 1024 * 1024
+    # Largest multipart upload (drive/files/create), in bytes; the upstream
+    # applies its own limit as well.
+    max_upload_size: int = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,17 @@ class RateLimitConfig:
 
 
 @dataclass(frozen=True)
+class StreamingSettings:
+    # Seconds a /streaming session may last before the gateway closes it.
+    max_lifetime: float = 3600.0
+    # Seconds between checks that each session's token and credential are
+    # still current (stores without change notifications, and API keys).
+    check_interval: float = 5.0
+    # Seconds between WebSocket pings to the client and to the upstream.
+    heartbeat: float = 30.0
+
+
+@dataclass(frozen=True)
 class PolicySettings:
     file: str = ""
     endpoints: Mapping[str, PolicyRow] = field(default_factory=dict)
@@ -153,6 +167,7 @@ class Settings:
     jwt: JwtSettings = field(default_factory=JwtSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    streaming: StreamingSettings = field(default_factory=StreamingSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
     def require_upstream(self) -> str:
@@ -174,6 +189,7 @@ SECTIONS: dict[str, type[Any]] = {
     "jwt": JwtSettings,
     "policy": PolicySettings,
     "ratelimit": RateLimitConfig,
+    "streaming": StreamingSettings,
     "log": LogSettings,
 }
 SECRET_KEYS = frozenset(
@@ -465,6 +481,10 @@ def _validate(settings: Settings) -> None:
         )
     if server.workers < 1:
         raise ConfigError("server.workers", f"must be at least 1, not {server.workers}")
+    if server.max_upload_size < 1:
+        raise ConfigError(
+            "server.max_upload_size", "must be a positive number of bytes"
+        )
     if server.max_body_size < 1:
         raise ConfigError("server.max_body_size", "must be a positive number of bytes")
 
@@ -495,6 +515,11 @@ def _validate(settings: Settings) -> None:
 
     _validate_jwt(jwt)
     _validate_rate_limits(settings.ratelimit)
+    for key in ("max_lifetime", "check_interval", "heartbeat"):
+        if getattr(settings.streaming, key) <= 0:
+            raise ConfigError(
+                f"streaming.{key}", "must be a positive number of seconds"
+            )
 
     if settings.log.level not in LOG_LEVELS:
         raise ConfigError("log.level", f"must be one of {', '.join(LOG_LEVELS)}")

@@ -185,17 +185,21 @@ class RedisTokenStore:
     async def set_token(self, principal: str, token: str) -> None:
         """Store the token and announce the change to every gateway replica."""
         validate_token(token)
-        await self._write_and_announce("SET", principal, token)
+        await self._write_and_announce(
+            "SET", self.token_key(principal), principal, token
+        )
 
     async def delete_token(self, principal: str) -> bool:
         """Delete the token of ``principal``; return whether one was stored."""
-        deleted = await self._write_and_announce("DEL", principal)
+        deleted = await self._write_and_announce(
+            "DEL", self.token_key(principal), principal
+        )
         return bool(deleted)
 
     async def _write_and_announce(
-        self, command: str, principal: str, *args: str
+        self, command: str, key: str, message: str, *args: str
     ) -> Any:
-        """Run SET or DEL on the principal's key, then PUBLISH the principal.
+        """Run SET or DEL on ``key``, then PUBLISH ``message`` on the channel.
 
         Return the reply to the write. Outside a cluster both run in one
         MULTI/EXEC. A cluster cannot run them in one transaction, because
@@ -204,7 +208,6 @@ class RedisTokenStore:
         When the PUBLISH fails after the write, this raises StoreUnavailable
         and other replicas see the change once their cached entry expires.
         """
-        key = self.token_key(principal)
         try:
             if isinstance(self._client, RedisCluster):
                 reply = await self._client.execute_command(command, key, *args)
@@ -213,12 +216,12 @@ class RedisTokenStore:
                 # redis-py would otherwise pick a random node.
                 node = self._client.get_node_from_key(key)
                 await self._client.publish(
-                    self.rotation_channel, principal, target_nodes=node
+                    self.rotation_channel, message, target_nodes=node
                 )
                 return reply
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.execute_command(command, key, *args)
-                pipe.publish(self.rotation_channel, principal)
+                pipe.publish(self.rotation_channel, message)
                 reply, _ = await pipe.execute()
                 return reply
         except REDIS_ERRORS as error:
@@ -276,9 +279,14 @@ class RedisTokenStore:
         themselves; the message on the rotation channel drops the replicas'
         cached answers for this jti.
         """
-        key = self.revoked_jwt_id_key(jwt_id)
-        await self._call(self._client.set, key, "1", exat=int(expires_at) + 1)
-        await self._call(self._client.publish, self.rotation_channel, f"jti:{jwt_id}")
+        await self._write_and_announce(
+            "SET",
+            self.revoked_jwt_id_key(jwt_id),
+            f"jti:{jwt_id}",
+            "1",
+            "EXAT",
+            str(int(expires_at) + 1),
+        )
 
     async def is_jwt_id_revoked(self, jwt_id: str) -> bool:
         return bool(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -63,6 +64,7 @@ class CachedTokenStore:
         self._generation = 0
         self._subscribed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
+        self._callbacks: list[Callable[[str], None]] = []
 
     @property
     def subscribed(self) -> bool:
@@ -73,6 +75,19 @@ class CachedTokenStore:
         """Start listening for rotations; call once the event loop runs."""
         if self._listener is None:
             self._listener = asyncio.create_task(self._listen(), name="token-rotations")
+
+    def add_listener(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback`` with the payload of every rotation message.
+
+        The payload is a principal, or ``jti:<id>`` for a revoked JWT. The
+        callback runs after the cached entry is dropped, in the listener
+        task, so it must not block.
+        """
+        self._callbacks.append(callback)
+
+    def remove_listener(self, callback: Callable[[str], None]) -> None:
+        if callback in self._callbacks:
+            self._callbacks.remove(callback)
 
     async def wait_subscribed(self) -> None:
         """Wait until rotation messages are received."""
@@ -190,6 +205,13 @@ class CachedTokenStore:
         self._generation += 1
         self._entries.clear()
 
+    def _notify(self, payload: str) -> None:
+        for callback in list(self._callbacks):
+            try:
+                callback(payload)
+            except Exception:
+                logger.exception("store.listener_failed")
+
     async def _listen(self) -> None:
         channel = self.inner.rotation_channel
         failures = 0
@@ -217,6 +239,7 @@ class CachedTokenStore:
                         if isinstance(principal, bytes):
                             principal = principal.decode("utf-8", "replace")
                         self.invalidate(principal)
+                        self._notify(principal)
             except SUBSCRIPTION_ERRORS as error:
                 # Cached entries stay: they expire on their own, and the cache
                 # is emptied when the subscription comes back.
