@@ -23,7 +23,7 @@ KEY_ID_LENGTH = 12
 
 @dataclass(frozen=True)
 class ApiKeyRecord:
-    """What the store keeps about one API key; never the key itself."""
+    """The stored record of one API key; never the key itself."""
 
     digest: str
     key_id: str

@@ -12,7 +12,9 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import jwt as pyjwt
@@ -25,8 +27,12 @@ from gateway.app import POLICY_KEY, create_app
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.credentials import JWT_ID_PATTERN, issue_jwt, validate_principal
 from gateway.errors import StoredTokenInvalid, StoreUnavailable
+from gateway.grants import CLIENT_ID_PATTERN, new_invite, new_oauth_client
 from gateway.logs import configure_logging
+from gateway.onboarding import CALLBACK_PATH
 from gateway.policy import API_PREFIX, load_policy_table
+from gateway.policy_rules import render_table
+from gateway.policy_sync import compare, fetch_openapi, rows_from_openapi
 from gateway.store import (
     TokenStore,
     describe_store,
@@ -38,6 +44,8 @@ from gateway.store import (
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+# Seconds an invite from "invite create" stays valid, unless --ttl sets another.
+DEFAULT_INVITE_TTL = 24 * 3600
 
 
 class CommandFailed(Exception):
@@ -168,6 +176,49 @@ def build_parser() -> argparse.ArgumentParser:
     key_list.add_argument("principal")
     key_list.set_defaults(handler=_key_list)
 
+    invite_command = commands.add_parser(
+        "invite", help="one-time invites to link a Misskey account"
+    )
+    invite_commands = invite_command.add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    invite_create = invite_commands.add_parser(
+        "create",
+        parents=[config],
+        help="create an invite that lets one person link a Misskey account "
+        "to PRINCIPAL, and print it once",
+    )
+    invite_create.add_argument("principal")
+    invite_create.add_argument(
+        "--ttl",
+        type=int,
+        default=DEFAULT_INVITE_TTL,
+        metavar="SECONDS",
+        help="how long the invite stays valid, in seconds "
+        f"(default {DEFAULT_INVITE_TTL})",
+    )
+    invite_create.set_defaults(handler=_invite_create)
+
+    client_command = commands.add_parser(
+        "client", help="OAuth clients (client credentials grant)"
+    )
+    client_commands = client_command.add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    client_create = client_commands.add_parser(
+        "create",
+        parents=[config],
+        help="create an OAuth client for a principal; print its id and secret once",
+    )
+    client_create.add_argument("principal")
+    _add_scope_argument(client_create)
+    client_create.set_defaults(handler=_client_create)
+    client_revoke = client_commands.add_parser(
+        "revoke", parents=[config], help="delete an OAuth client"
+    )
+    client_revoke.add_argument("client_id", metavar="CLIENT_ID")
+    client_revoke.set_defaults(handler=_client_revoke)
+
     policy = commands.add_parser("policy", help="endpoint policy")
     policy_commands = policy.add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -177,6 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("endpoint", help="endpoint name, e.g. notes/create")
     show.set_defaults(handler=_policy_show)
+    sync = policy_commands.add_parser(
+        "sync",
+        parents=[config],
+        help="build a policy table from the upstream's GET /api.json",
+    )
+    sync.add_argument("--upstream", metavar="URL", help="origin of the Misskey server")
+    sync.add_argument(
+        "--output",
+        metavar="PATH",
+        help="write the table here (default: standard output); "
+        "point policy.file at it to use it",
+    )
+    sync.set_defaults(handler=_policy_sync)
 
     check = commands.add_parser(
         "check",
@@ -545,7 +609,113 @@ def _key_list(args: argparse.Namespace) -> int:
     return _run_with_store(_settings(args), work)
 
 
+# invite
+
+
+def _invite_create(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    principal = _principal(args)
+    if args.ttl < 1:
+        raise CommandFailed(f"--ttl must be at least 1 second, not {args.ttl}")
+    invite, digest = new_invite()
+    expires_at = time.time() + args.ttl
+
+    async def work(store: TokenStore) -> int:
+        await store.put_invite(principal, digest, expires_at)
+        print(invite)
+        until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_at))
+        print(
+            f"created an invite for {principal}, valid once until {until}; "
+            "it is shown only now",
+            file=sys.stderr,
+        )
+        if not settings.onboarding.enabled:
+            print(
+                "note: onboarding.enabled is false, so the gateway rejects "
+                "the invite until it is set to true",
+                file=sys.stderr,
+            )
+        public_url = settings.onboarding.public_url.rstrip("/")
+        form = CALLBACK_PATH.rsplit("/", 1)[0] + "/"
+        if public_url:
+            query = urlencode({"principal": principal, "invite": invite})
+            print(f"send this link: {public_url}{form}?{query}", file=sys.stderr)
+        else:
+            print(f"the person enters it on the gateway's {form} page", file=sys.stderr)
+        return EXIT_OK
+
+    return _run_with_store(settings, work)
+
+
+# client
+
+
+def _client_create(args: argparse.Namespace) -> int:
+    principal = _principal(args)
+    secret, record = new_oauth_client(principal, args.scope)
+
+    async def work(store: TokenStore) -> int:
+        await store.put_oauth_client(record)
+        print(f"client_id={record.client_id}")
+        print(f"client_secret={secret}")
+        scope = record.scope or "no permission kinds"
+        print(
+            f"created OAuth client {record.client_id} for {principal} ({scope}); "
+            "the secret is shown only now",
+            file=sys.stderr,
+        )
+        return EXIT_OK
+
+    return _run_with_store(_settings(args), work)
+
+
+def _client_revoke(args: argparse.Namespace) -> int:
+    client_id = args.client_id
+    if not CLIENT_ID_PATTERN.fullmatch(client_id):
+        raise CommandFailed(
+            f"invalid client id {client_id!r}; client ids look like mgc_ and 24 "
+            "hex digits"
+        )
+
+    async def work(store: TokenStore) -> int:
+        if not await store.delete_oauth_client(client_id):
+            raise CommandFailed(f"no OAuth client {client_id}")
+        print(f"revoked OAuth client {client_id}")
+        return EXIT_OK
+
+    return _run_with_store(_settings(args), work)
+
+
 # policy
+
+
+def _policy_sync(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    upstream = settings.require_upstream()
+    try:
+        document = asyncio.run(fetch_openapi(upstream))
+        rows, version = rows_from_openapi(document)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+        raise CommandFailed(f"cannot read {upstream}/api.json: {error}") from None
+    text = render_table(rows, version or "unknown", "misskey-gateway policy sync")
+
+    current = load_policy_table(settings.policy.file or None, settings.policy.endpoints)
+    difference = compare(current, rows)
+    if args.output:
+        path = Path(args.output)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(path)
+    else:
+        sys.stdout.write(text)
+    print(
+        f"{len(rows)} endpoints from Misskey {version or 'unknown'}: "
+        f"{len(difference.missing_from_table)} not in the current table, "
+        f"{len(difference.missing_upstream)} only in the current table, "
+        f"{len(difference.changed)} with another row",
+        file=sys.stderr,
+    )
+    return EXIT_OK
 
 
 def _policy_show(args: argparse.Namespace) -> int:

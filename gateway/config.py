@@ -72,6 +72,9 @@ class UpstreamSettings:
     # Idle keep-alive connections are closed after this many seconds, before
     # the upstream closes them (Node.js does so after 5 seconds by default).
     idle_timeout: float = 4.0
+    # Where the token goes: "body" (the i field, which every Misskey reads)
+    # or "header" (Authorization: Bearer, Misskey 13.14 and newer).
+    token_transport: str = "body"  # noqa: S105 - a mode name, not a secret
     max_connections: int = 100
 
 
@@ -147,9 +150,29 @@ class StreamingSettings:
 
 
 @dataclass(frozen=True)
+class OnboardingSettings:
+    # Serve /_gateway/miauth/start; every start still needs an invite.
+    enabled: bool = False
+    # Application name that Misskey shows on its approval page.
+    app_name: str = "misskey-gateway"
+    # The gateway's origin as browsers reach it, for the MiAuth callback URL.
+    # Empty: taken from the request's Host header (trusted only then).
+    public_url: str = ""
+    # Misskey's origin as browsers reach it; empty means upstream.url.
+    misskey_url: str = ""
+    # Lifetime in seconds of the JWT handed out at the end of onboarding.
+    credential_ttl: int = 30 * 24 * 3600
+    # Lifetime in seconds of access tokens from /_gateway/oauth/token.
+    oauth_token_ttl: int = 3600
+
+
+@dataclass(frozen=True)
 class PolicySettings:
     file: str = ""
     endpoints: Mapping[str, PolicyRow] = field(default_factory=dict)
+    # Compare the table with the upstream's GET /api.json at start-up and
+    # log the differences once.
+    check_upstream: bool = True
 
 
 @dataclass(frozen=True)
@@ -168,6 +191,7 @@ class Settings:
     policy: PolicySettings = field(default_factory=PolicySettings)
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     streaming: StreamingSettings = field(default_factory=StreamingSettings)
+    onboarding: OnboardingSettings = field(default_factory=OnboardingSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
     def require_upstream(self) -> str:
@@ -190,6 +214,7 @@ SECTIONS: dict[str, type[Any]] = {
     "policy": PolicySettings,
     "ratelimit": RateLimitConfig,
     "streaming": StreamingSettings,
+    "onboarding": OnboardingSettings,
     "log": LogSettings,
 }
 SECRET_KEYS = frozenset(
@@ -493,6 +518,8 @@ def _validate(settings: Settings) -> None:
     for key in ("connect_timeout", "read_timeout", "idle_timeout"):
         if getattr(upstream, key) <= 0:
             raise ConfigError(f"upstream.{key}", "must be a positive number of seconds")
+    if upstream.token_transport not in ("body", "header"):
+        raise ConfigError("upstream.token_transport", "must be body or header")
     if upstream.max_connections < 1:
         raise ConfigError("upstream.max_connections", "must be at least 1")
 
@@ -521,10 +548,30 @@ def _validate(settings: Settings) -> None:
                 f"streaming.{key}", "must be a positive number of seconds"
             )
 
+    _validate_onboarding(settings.onboarding)
+
     if settings.log.level not in LOG_LEVELS:
         raise ConfigError("log.level", f"must be one of {', '.join(LOG_LEVELS)}")
     if settings.log.format not in LOG_FORMATS:
         raise ConfigError("log.format", f"must be one of {', '.join(LOG_FORMATS)}")
+
+
+def _validate_onboarding(onboarding: OnboardingSettings) -> None:
+    for key in ("public_url", "misskey_url"):
+        url = getattr(onboarding, key)
+        if not url:
+            continue
+        parts = _http_url(f"onboarding.{key}", url)
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigError(
+                f"onboarding.{key}",
+                f"must be an origin without a path, like https://host, not {url!r}",
+            )
+    if not onboarding.app_name.strip():
+        raise ConfigError("onboarding.app_name", "must not be empty")
+    for key in ("credential_ttl", "oauth_token_ttl"):
+        if getattr(onboarding, key) < 1:
+            raise ConfigError(f"onboarding.{key}", "must be at least 1 second")
 
 
 def _validate_store_url(store: StoreSettings, redis: RedisSettings) -> None:

@@ -11,7 +11,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 from jwt.types import Options
@@ -19,6 +19,9 @@ from jwt.types import Options
 from gateway.config import SYMMETRIC_ALGORITHMS, ConfigError, JwtSettings
 from gateway.errors import AuthenticationFailed
 from gateway.jwks import JwksKeySet
+
+if TYPE_CHECKING:
+    from gateway.store import TokenStore
 
 # Principals name Redis keys and log fields, so they are kept to a plain
 # alphabet and a bounded length.
@@ -243,6 +246,21 @@ def issue_jwt(
     if settings.audience:
         claims["aud"] = settings.audience
     return jwt.encode(claims, secret, algorithm=algorithm)
+
+
+async def sign_gateway_jwt(
+    settings: JwtSettings, store: TokenStore, principal: str, scope: str, ttl: int
+) -> str:
+    """Sign a JWT with the secret the running gateway verifies with.
+
+    That is ``jwt.secret`` when set, else the store's generated secret.
+    Raises ConfigError when the gateway verifies with public keys only.
+    """
+    if SYMMETRIC_ALGORITHMS.isdisjoint(settings.algorithms):
+        # issue_jwt raises the ConfigError before it would use the secret.
+        return issue_jwt(settings, b"", principal, scope, ttl)
+    secret: str | bytes = settings.secret or await store.jwt_secret()
+    return issue_jwt(settings, secret, principal, scope, ttl)
 
 
 def read_public_key(settings: JwtSettings) -> bytes:

@@ -11,6 +11,7 @@ chained with ``from``, so request handling deals only with these types::
     │   ├── MethodNotAllowed        405 METHOD_NOT_ALLOWED
     │   ├── PayloadTooLarge         413 PAYLOAD_TOO_LARGE
     │   ├── RateLimitExceeded       429 RATE_LIMIT_EXCEEDED (gateway.ratelimit)
+    │   ├── UpgradeRequired         426 UPGRADE_REQUIRED (gateway.streaming)
     │   └── UnsupportedMediaType    415 UNSUPPORTED_MEDIA_TYPE
     ├── CredentialError             the client's identity or rights (401/403)
     │   ├── CredentialRequired      401 CREDENTIAL_REQUIRED

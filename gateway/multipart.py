@@ -68,7 +68,7 @@ def parse_part_header(raw: bytes) -> PartHeader:
 
 @dataclass
 class LeadingFields:
-    """What came before the file: kept fields as raw bytes, and the ``i`` value."""
+    """The parts before the file: kept fields as raw bytes, and the ``i`` value."""
 
     kept: bytes = b""
     credential: str | None = None

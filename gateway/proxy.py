@@ -124,6 +124,8 @@ class ApiProxy:
         self._limiter = limiter
         self._verifier: JwtVerifier | None = None
         self._max_body_size = settings.server.max_body_size
+        transport = settings.upstream.token_transport
+        self._token_in_header = transport == "header"  # noqa: S105 - a mode name
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         log = RequestLog(request_id=new_request_id(request), method=request.method)
@@ -177,10 +179,10 @@ class ApiProxy:
         if method in ("GET", "HEAD"):
             if not policy.allow_get:
                 raise MethodNotAllowed(("POST",))
-            if policy.mode is Mode.REQUIRED:
+            if policy.mode is Mode.REQUIRED and not self._token_in_header:
                 # Misskey would read a token from the query of a GET, but a
                 # token in a URL ends up in access logs, so the gateway never
-                # puts one there.
+                # puts one there; it can send one only as a header.
                 raise MethodNotAllowed(
                     ("POST",), "This endpoint needs a token; call it with POST."
                 )
@@ -205,19 +207,21 @@ class ApiProxy:
 
         principal = await self._identify(credential, log)
         await self._check_rate_limit(principal)
-        # GET requests are forwarded without a token, for the reason above.
-        token = await self._authorize(policy, principal, log, fetch=body is not None)
+        # GET requests carry a token only as a header, for the reason above.
+        token = await self._authorize(
+            policy, principal, log, fetch=body is not None or self._token_in_header
+        )
 
-        headers = forward_request_headers(request.headers)
-        forwarded_body: bytes | None = None
-        if body is not None:
-            forwarded_body = rewrite_json_body(body, token)
-            if _media_type(request) in ("", "text/plain"):
-                headers = [(n, v) for n, v in headers if n.lower() != "content-type"]
-                headers.append(("Content-Type", "application/json"))
-        headers.append(("X-Forwarded-For", request.remote or ""))
-        headers.append(("X-Forwarded-Proto", request.scheme))
-        headers.append((REQUEST_ID_HEADER, log.request_id))
+        base_headers = forward_request_headers(request.headers)
+        if body is not None and _media_type(request) in ("", "text/plain"):
+            base_headers = [
+                (n, v) for n, v in base_headers if n.lower() != "content-type"
+            ]
+            base_headers.append(("Content-Type", "application/json"))
+        base_headers.append(("X-Forwarded-For", request.remote or ""))
+        base_headers.append(("X-Forwarded-Proto", request.scheme))
+        base_headers.append((REQUEST_ID_HEADER, log.request_id))
+        headers, forwarded_body = self._with_token(base_headers, body, token)
         log.fields["token_injected"] = token is not None
 
         target = f"/api/{endpoint}"
@@ -233,7 +237,7 @@ class ApiProxy:
             retry = await self._token_rejected(upstream, principal, token, log)
             if isinstance(retry, str):
                 upstream.release()
-                forwarded_body = rewrite_json_body(body, retry)
+                headers, forwarded_body = self._with_token(base_headers, body, retry)
                 upstream = await self._relay.send(
                     method, target, headers, forwarded_body, log.timings
                 )
@@ -279,6 +283,24 @@ class ApiProxy:
         log.fields["retried"] = True
         return fresh
 
+    def _with_token(
+        self, headers: list[tuple[str, str]], body: JsonBody | None, token: str | None
+    ) -> tuple[list[tuple[str, str]], bytes | None]:
+        """Return the headers and body to forward, with the token where it goes.
+
+        With ``upstream.token_transport = "header"`` the token travels as
+        ``Authorization: Bearer`` (Misskey 13.14 and newer read it before
+        ``i``) and every ``i`` is removed from the body; otherwise it is the
+        body's ``i``.
+        """
+        if not self._token_in_header:
+            forwarded = rewrite_json_body(body, token) if body is not None else None
+            return headers, forwarded
+        forwarded = rewrite_json_body(body, None) if body is not None else None
+        if token is None:
+            return headers, forwarded
+        return [*headers, ("Authorization", f"Bearer {token}")], forwarded
+
     async def _handle_upload(
         self,
         request: web.Request,
@@ -319,6 +341,9 @@ class ApiProxy:
         upstream_started = time.perf_counter()
         # A streamed body cannot be sent twice, so a rejected token is relayed
         # as Misskey answered it, without the retry JSON requests get.
+        if self._token_in_header and token is not None:
+            headers.append(("Authorization", f"Bearer {token}"))
+            token = None
         upstream = await self._relay.send_streaming(
             "POST", target, headers, rewriter.stream(token), log.timings
         )

@@ -25,6 +25,7 @@ import structlog
 
 from gateway.apikeys import ApiKeyRecord
 from gateway.errors import StoredTokenInvalid, StoreUnavailable
+from gateway.grants import MiAuthSession, OAuthClientRecord
 from gateway.store import JWT_SECRET_BYTES, validate_token
 
 T = TypeVar("T")
@@ -42,6 +43,13 @@ SCHEMA_STATEMENTS = (
     "CREATE INDEX IF NOT EXISTS api_keys_principal ON api_keys (principal)",
     "CREATE TABLE IF NOT EXISTS revoked_jwt_ids ("
     " jwt_id TEXT PRIMARY KEY, expires_at REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS miauth_sessions ("
+    " session_id TEXT PRIMARY KEY, record TEXT NOT NULL, expires_at REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS invites ("
+    " digest TEXT PRIMARY KEY, principal TEXT NOT NULL, expires_at REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS oauth_clients ("
+    " client_id TEXT PRIMARY KEY, secret_digest TEXT NOT NULL,"
+    " principal TEXT NOT NULL, scope TEXT NOT NULL, created_at REAL NOT NULL)",
 )
 JWT_SECRET_NAME = "jwt"  # noqa: S105 - a row name, not a secret
 # Seconds a write waits for another process's write to finish.
@@ -255,6 +263,106 @@ class SqliteTokenStore:
                         (principal, key_id),
                     )
                 return cursor.rowcount
+
+        return await self._run(delete)
+
+    async def put_miauth_session(self, session: MiAuthSession) -> None:
+        def write() -> None:
+            with self._db() as db:
+                db.execute(
+                    "INSERT INTO miauth_sessions (session_id, record, expires_at)"
+                    " VALUES (?, ?, ?)",
+                    (session.session_id, session.to_json(), session.expires_at),
+                )
+                db.execute(
+                    "DELETE FROM miauth_sessions WHERE expires_at < ?", (time.time(),)
+                )
+
+        await self._run(write)
+
+    async def take_miauth_session(self, session_id: str) -> MiAuthSession | None:
+        def take() -> str | None:
+            # DELETE … RETURNING (SQLite 3.35 and later) reads and deletes in
+            # one statement, so two processes cannot both take the session.
+            with self._db() as db:
+                row = db.execute(
+                    "DELETE FROM miauth_sessions WHERE session_id = ? RETURNING record",
+                    (session_id,),
+                ).fetchone()
+            return str(row[0]) if row else None
+
+        value = await self._run(take)
+        if value is None:
+            return None
+        session = MiAuthSession.from_json(value)
+        if session is None or session.session_id != session_id or session.expired:
+            return None
+        return session
+
+    async def put_invite(self, principal: str, digest: str, expires_at: float) -> None:
+        def write() -> None:
+            with self._db() as db:
+                db.execute(
+                    "INSERT INTO invites (digest, principal, expires_at)"
+                    " VALUES (?, ?, ?)",
+                    (digest, principal, expires_at),
+                )
+                db.execute("DELETE FROM invites WHERE expires_at < ?", (time.time(),))
+
+        await self._run(write)
+
+    async def take_invite(self, principal: str, digest: str) -> bool:
+        def take() -> bool:
+            with self._db() as db:
+                cursor = db.execute(
+                    "DELETE FROM invites"
+                    " WHERE digest = ? AND principal = ? AND expires_at >= ?",
+                    (digest, principal, time.time()),
+                )
+                return cursor.rowcount > 0
+
+        return await self._run(take)
+
+    async def put_oauth_client(self, record: OAuthClientRecord) -> None:
+        def write() -> None:
+            with self._db() as db:
+                db.execute(
+                    "INSERT INTO oauth_clients"
+                    " (client_id, secret_digest, principal, scope, created_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (
+                        record.client_id,
+                        record.secret_digest,
+                        record.principal,
+                        record.scope,
+                        record.created_at,
+                    ),
+                )
+
+        await self._run(write)
+
+    async def get_oauth_client(self, client_id: str) -> OAuthClientRecord | None:
+        def read() -> OAuthClientRecord | None:
+            row = (
+                self._db()
+                .execute(
+                    "SELECT client_id, secret_digest, principal, scope, created_at"
+                    " FROM oauth_clients WHERE client_id = ?",
+                    (client_id,),
+                )
+                .fetchone()
+            )
+            return OAuthClientRecord(*row) if row else None
+
+        return await self._run(read)
+
+    async def delete_oauth_client(self, client_id: str) -> bool:
+        def delete() -> bool:
+            with self._db() as db:
+                cursor = db.execute(
+                    "DELETE FROM oauth_clients WHERE client_id = ?", (client_id,)
+                )
+                return cursor.rowcount > 0
 
         return await self._run(delete)
 

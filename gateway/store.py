@@ -27,6 +27,7 @@ from redis.exceptions import ResponseError
 from gateway.apikeys import ApiKeyRecord
 from gateway.config import RedisSettings, Settings, redact_url, sqlite_path, store_kind
 from gateway.errors import StoredTokenInvalid, StoreUnavailable
+from gateway.grants import MiAuthSession, OAuthClientRecord
 from gateway.redis_client import (
     REDIS_ERRORS,
     RedisClient,
@@ -97,6 +98,28 @@ class TokenStore(Protocol):
     async def delete_api_keys(self, principal: str, key_id: str | None = None) -> int:
         """Delete the principal's API keys, or only the one with ``key_id``."""
         ...
+
+    async def put_miauth_session(self, session: MiAuthSession) -> None:
+        """Keep a started MiAuth session until ``session.expires_at``."""
+        ...
+
+    async def take_miauth_session(self, session_id: str) -> MiAuthSession | None:
+        """Remove and return a MiAuth session; None if unknown, used or expired."""
+        ...
+
+    async def put_invite(self, principal: str, digest: str, expires_at: float) -> None:
+        """Keep an onboarding invite for ``principal`` until ``expires_at``."""
+        ...
+
+    async def take_invite(self, principal: str, digest: str) -> bool:
+        """Remove an unexpired invite of ``principal``; return whether one existed."""
+        ...
+
+    async def put_oauth_client(self, record: OAuthClientRecord) -> None: ...
+
+    async def get_oauth_client(self, client_id: str) -> OAuthClientRecord | None: ...
+
+    async def delete_oauth_client(self, client_id: str) -> bool: ...
 
 
 def open_store(settings: Settings) -> TokenStore:
@@ -344,6 +367,92 @@ class RedisTokenStore:
             )
             deleted += 1
         return deleted
+
+    def miauth_session_key(self, session_id: str) -> str:
+        return f"{self.settings.prefix}miauth:{session_id}"
+
+    def invite_key(self, principal: str, digest: str) -> str:
+        # The principal is part of the key, so taking an invite with another
+        # principal's name finds nothing and leaves the invite usable.
+        return f"{self.settings.prefix}invite:{principal}:{digest}"
+
+    def oauth_client_key(self, client_id: str) -> str:
+        return f"{self.settings.prefix}oauth-client:{client_id}"
+
+    async def put_miauth_session(self, session: MiAuthSession) -> None:
+        await self._call(
+            self._client.set,
+            self.miauth_session_key(session.session_id),
+            session.to_json(),
+            exat=int(session.expires_at) + 1,
+        )
+
+    async def take_miauth_session(self, session_id: str) -> MiAuthSession | None:
+        # GETDEL (Redis 6.2 and later) reads and deletes in one step, so two
+        # callbacks with the same session cannot both get it.
+        value = await self._call(
+            self._client.getdel, self.miauth_session_key(session_id)
+        )
+        if value is None:
+            return None
+        session = MiAuthSession.from_json(value)
+        if session is None or session.session_id != session_id or session.expired:
+            return None
+        return session
+
+    async def put_invite(self, principal: str, digest: str, expires_at: float) -> None:
+        await self._call(
+            self._client.set,
+            self.invite_key(principal, digest),
+            "1",
+            exat=int(expires_at) + 1,
+        )
+
+    async def take_invite(self, principal: str, digest: str) -> bool:
+        deleted = await self._call(
+            self._client.delete, self.invite_key(principal, digest)
+        )
+        return bool(deleted)
+
+    async def put_oauth_client(self, record: OAuthClientRecord) -> None:
+        fields = {
+            "secret_digest": record.secret_digest,
+            "principal": record.principal,
+            "scope": record.scope,
+            "created_at": repr(record.created_at),
+        }
+        await self._call(
+            self._client.hset, self.oauth_client_key(record.client_id), mapping=fields
+        )
+
+    async def get_oauth_client(self, client_id: str) -> OAuthClientRecord | None:
+        fields = await self._call(
+            self._client.hgetall, self.oauth_client_key(client_id)
+        )
+        if not fields:
+            return None
+        values = {
+            (k.decode() if isinstance(k, bytes) else k): (
+                v.decode() if isinstance(v, bytes) else v
+            )
+            for k, v in fields.items()
+        }
+        try:
+            return OAuthClientRecord(
+                client_id=client_id,
+                secret_digest=values["secret_digest"],
+                principal=values["principal"],
+                scope=values["scope"],
+                created_at=float(values["created_at"]),
+            )
+        except (KeyError, ValueError):
+            return None
+
+    async def delete_oauth_client(self, client_id: str) -> bool:
+        deleted = await self._call(
+            self._client.delete, self.oauth_client_key(client_id)
+        )
+        return bool(deleted)
 
     async def _scan(self, prefix: str) -> AsyncIterator[bytes]:
         pattern = _glob_escape(prefix) + "*"

@@ -6,7 +6,7 @@ same transaction, and every replica drops that principal's cached token when
 the message arrives. Another tool rotates a token the same way:
 ``SET <prefix>token:P NEW`` followed by ``PUBLISH <prefix>rotations P``.
 
-A message can be lost (the subscription drops, or a tool forgets to
+A message can be lost (the subscription drops, or a tool does not
 publish), so entries also expire after ``ttl`` seconds; that is the bound on
 staleness, with or without the subscription. The cache is emptied whenever
 the subscription is (re)established, since messages may have been missed in
@@ -25,6 +25,7 @@ import structlog
 
 from gateway.apikeys import ApiKeyRecord
 from gateway.errors import StoreUnavailable
+from gateway.grants import MiAuthSession, OAuthClientRecord
 from gateway.redis_client import REDIS_ERRORS
 from gateway.store import RedisTokenStore
 
@@ -196,6 +197,29 @@ class CachedTokenStore:
 
     async def delete_api_keys(self, principal: str, key_id: str | None = None) -> int:
         return await self.inner.delete_api_keys(principal, key_id)
+
+    # Onboarding records and OAuth clients are read once each, never cached.
+
+    async def put_miauth_session(self, session: MiAuthSession) -> None:
+        await self.inner.put_miauth_session(session)
+
+    async def take_miauth_session(self, session_id: str) -> MiAuthSession | None:
+        return await self.inner.take_miauth_session(session_id)
+
+    async def put_invite(self, principal: str, digest: str, expires_at: float) -> None:
+        await self.inner.put_invite(principal, digest, expires_at)
+
+    async def take_invite(self, principal: str, digest: str) -> bool:
+        return await self.inner.take_invite(principal, digest)
+
+    async def put_oauth_client(self, record: OAuthClientRecord) -> None:
+        await self.inner.put_oauth_client(record)
+
+    async def get_oauth_client(self, client_id: str) -> OAuthClientRecord | None:
+        return await self.inner.get_oauth_client(client_id)
+
+    async def delete_oauth_client(self, client_id: str) -> bool:
+        return await self.inner.delete_oauth_client(client_id)
 
     def invalidate(self, principal: str) -> None:
         self._generation += 1

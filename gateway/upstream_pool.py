@@ -124,7 +124,7 @@ class UpstreamResponse:
                 self._data_waiter = None
 
     def discard(self) -> None:
-        """Close the connection of a failed exchange nobody will read."""
+        """Close the connection of a failed exchange whose response is not read."""
         if self._headers_ready.done() and not self._headers_ready.cancelled():
             self._headers_ready.exception()  # mark the failure as seen
         self.release()
@@ -163,7 +163,7 @@ class UpstreamResponse:
             self._headers_ready.set_result(None)
 
     def delimited_by_close(self) -> bool:
-        """Whether the body, if any, ends only when the connection closes."""
+        """Return whether the body, if any, ends only when the connection closes."""
         if not self._headers_ready.done() or self._complete:
             return False
         framed = self.content_length is not None or any(
@@ -451,7 +451,7 @@ class UpstreamPool:
         responds before the body is complete (a 413, say), sending stops and
         that response is returned; the connection is then not reused.
         An exception raised by ``body`` itself ends the request: the
-        upstream sees an incomplete body on a connection that is closed.
+        upstream receives an incomplete body on a connection that is closed.
         """
         head = self._encode_head(method, target, headers, None, chunked=True)
         connection = await self._acquire()
