@@ -62,6 +62,9 @@ class ServerSettings:
     # Largest multipart upload (drive/files/create), in bytes; the upstream
     # applies its own limit as well.
     max_upload_size: int = 1024 * 1024 * 1024
+    # Largest file held in a temporary file while the gateway looks for an
+    # i field after it (no Authorization header, no i before the file).
+    max_spooled_upload_size: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -506,6 +509,8 @@ def _validate(settings: Settings) -> None:
         )
     if server.workers < 1:
         raise ConfigError("server.workers", f"must be at least 1, not {server.workers}")
+    if server.max_spooled_upload_size < 0:
+        raise ConfigError("server.max_spooled_upload_size", "must not be negative")
     if server.max_upload_size < 1:
         raise ConfigError(
             "server.max_upload_size", "must be a positive number of bytes"

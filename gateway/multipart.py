@@ -4,16 +4,22 @@ The fields before the file are small and read in full, so the gateway can
 take a credential from an ``i`` field and decide whether to inject a token
 before anything is sent upstream. From the file on, the body passes through
 chunk by chunk: only the part boundaries are looked for, so file bytes are
-never buffered, decoded or changed. Every ``i`` part the client sent, before
-or after the file, is dropped, and the gateway's own ``i`` part, when it
-injects a token, goes first, before the file, where Misskey reads it.
+never buffered, decoded or changed. The one exception is a body with no
+credential before the file and none in a header: its file goes to a bounded
+temporary file until the ``i`` after it has been read. Every ``i`` part the
+client sent, before or after the file, is dropped, and the gateway's own
+``i`` part, when it injects a token, goes first, before the file, where
+Misskey reads it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import IO
 
 from gateway.errors import InvalidRequest, PayloadTooLarge
 
@@ -21,6 +27,7 @@ CREDENTIAL_FIELD = "i"
 # Fields before the file, and each part's header block, are held in memory.
 MAX_LEADING_FIELDS_SIZE = 64 * 1024
 MAX_PART_HEADER_SIZE = 16 * 1024
+SPOOL_READ_SIZE = 256 * 1024
 # RFC 2046 section 5.1.1: 1 to 70 characters from this set, not ending in space.
 BOUNDARY_PATTERN = re.compile(
     r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]"
@@ -94,9 +101,66 @@ class MultipartRewriter:
         self._limit = limit
         self._received = 0
         self._eof = False
+        self._spool: IO[bytes] | None = None
+        self._trailing = b""
         self.leading = LeadingFields()
 
-    async def read_leading_fields(self) -> LeadingFields:
+    async def read_leading_fields(self, spool_limit: int = 0) -> LeadingFields:
+        """Read the parts before the file, and the file's header.
+
+        When no ``i`` came before the file and ``spool_limit`` is positive,
+        the file is written to a temporary file of at most ``spool_limit``
+        bytes and the parts after it are read too, because some SDKs put
+        ``i`` after the file. The caller passes 0 when the credential came in
+        a header, so such uploads are always streamed.
+        """
+        await self._read_leading_fields()
+        if (
+            spool_limit > 0
+            and self.leading.file_header is not None
+            and self.leading.credential is None
+        ):
+            await self._spool_file(spool_limit)
+        if self.leading.credential_fields > 1:
+            raise InvalidRequest(
+                "The multipart body has more than one 'i' field.", {"param": "i"}
+            )
+        return self.leading
+
+    async def _spool_file(self, limit: int) -> None:
+        # Closed by stream() or close(), whichever comes first.
+        spool = tempfile.TemporaryFile()
+        self._spool = spool
+        size = 0
+        async for piece in self._part_body(passthrough=True):
+            size += len(piece)
+            if size > limit:
+                raise PayloadTooLarge(
+                    f"Uploads that carry 'i' after the file are limited to {limit} "
+                    "bytes; send 'i' before the file or use an Authorization header.",
+                    {"limit": limit},
+                )
+            await asyncio.to_thread(spool.write, piece)
+
+        trailing = bytearray()
+        while await self._after_delimiter():
+            header = await self._read_part_header()
+            if header.is_file:
+                raise InvalidRequest("The multipart body has more than one file.")
+            value = await self._read_value()
+            if header.name == CREDENTIAL_FIELD:
+                self.leading.credential_fields += 1
+                self.leading.credential = value.decode("utf-8", "replace")
+                continue
+            trailing += self._delimiter + b"\r\n" + header.raw + b"\r\n\r\n" + value
+            if len(trailing) > MAX_LEADING_FIELDS_SIZE:
+                raise PayloadTooLarge(
+                    "The fields after the file are larger than "
+                    f"{MAX_LEADING_FIELDS_SIZE} bytes."
+                )
+        self._trailing = bytes(trailing)
+
+    async def _read_leading_fields(self) -> None:
         await self._fill_until(self._first + b"\r\n", MAX_LEADING_FIELDS_SIZE)
         start = self._buffer.find(self._first + b"\r\n")
         if start != 0:
@@ -126,11 +190,6 @@ class MultipartRewriter:
                 self.leading.ended = True
                 break
         self.leading.kept = bytes(kept)
-        if self.leading.credential_fields > 1:
-            raise InvalidRequest(
-                "The multipart body has more than one 'i' field.", {"param": "i"}
-            )
-        return self.leading
 
     async def stream(self, token: str | None) -> AsyncIterator[bytes]:
         """Yield the upstream body; call after ``read_leading_fields``."""
@@ -149,6 +208,11 @@ class MultipartRewriter:
 
         header = self.leading.file_header
         yield self._first + b"\r\n" + header.raw + b"\r\n\r\n"
+        if self._spool is not None:
+            async for piece in self._replay_spool():
+                yield piece
+            yield self._trailing + self._delimiter + b"--\r\n"
+            return
         async for piece in self._part_body(passthrough=True):
             yield piece
         while await self._after_delimiter():
@@ -161,6 +225,24 @@ class MultipartRewriter:
             async for piece in self._part_body(passthrough=True):
                 yield piece
         yield self._delimiter + b"--\r\n"
+
+    async def _replay_spool(self) -> AsyncIterator[bytes]:
+        spool = self._spool
+        if spool is None:
+            return
+        try:
+            await asyncio.to_thread(spool.seek, 0)
+            while piece := await asyncio.to_thread(spool.read, SPOOL_READ_SIZE):
+                yield piece
+        finally:
+            spool.close()
+            self._spool = None
+
+    def close(self) -> None:
+        """Delete the temporary file of a spooled upload, if any."""
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
 
     # Reading the client body
 
@@ -198,10 +280,15 @@ class MultipartRewriter:
         return parse_part_header(raw)
 
     async def _read_small_part(self) -> tuple[bytes, bool]:
+        value = await self._read_value()
+        return value, await self._after_delimiter()
+
+    async def _read_value(self) -> bytes:
+        """Read a small part's body and consume the delimiter after it."""
         end = await self._fill_until(self._delimiter, MAX_LEADING_FIELDS_SIZE)
         value = self._buffer[:end]
         self._buffer = self._buffer[end + len(self._delimiter) :]
-        return value, await self._after_delimiter()
+        return value
 
     async def _after_delimiter(self) -> bool:
         """Consume what follows a delimiter; return whether another part follows."""

@@ -324,7 +324,27 @@ class ApiProxy:
             )
         boundary = parse_boundary(request.headers.get("Content-Type", ""))
         rewriter = MultipartRewriter(boundary, request.content.iter_any(), limit)
-        leading = await rewriter.read_leading_fields()
+        try:
+            return await self._relay_upload(
+                request, endpoint, policy, header_credential, query, log, rewriter
+            )
+        finally:
+            rewriter.close()
+
+    async def _relay_upload(
+        self,
+        request: web.Request,
+        endpoint: str,
+        policy: EndpointPolicy,
+        header_credential: str | None,
+        query: str,
+        log: RequestLog,
+        rewriter: MultipartRewriter,
+    ) -> web.StreamResponse:
+        spool_limit = 0
+        if header_credential is None:
+            spool_limit = self._settings.server.max_spooled_upload_size
+        leading = await rewriter.read_leading_fields(spool_limit)
         credential = self._pick_credential(header_credential, leading.credential)
 
         principal = await self._identify(credential, log)

@@ -88,6 +88,39 @@ async def test_upload_credential_in_i_field(gateway):
     assert sent.upload.sha256 == hashlib.sha256(content).hexdigest()
 
 
+async def test_upload_credential_after_file_spooled(gateway):
+    # MiPAC sends its fields, then the file, then i.
+    content = file_bytes(300_000)
+    body = field_part("name", "n.bin") + file_part(content)
+    body += field_part("i", gateway.jwt()) + field_part("force", "true") + closing()
+    response = await upload(gateway, body)
+    sent = gateway.fake.requests_to("drive/files/create")[0]
+
+    assert response.status == 200
+    assert sent.upload.order == ["field:i", "field:name", "file:file", "field:force"]
+    assert sent.upload.fields == [("i", STORED), ("name", "n.bin"), ("force", "true")]
+    assert sent.upload.sha256 == hashlib.sha256(content).hexdigest()
+
+
+async def test_upload_spool_limit(start_gateway):
+    gateway = await start_gateway(**{"server.max_spooled_upload_size": 1000})
+    body = file_part(file_bytes(5000)) + field_part("i", gateway.jwt()) + closing()
+    response = await upload(gateway, body)
+    error = (await response.json())["error"]
+
+    assert response.status == 413
+    assert "before the file" in error["message"]
+    assert gateway.fake.received == []
+
+
+async def test_upload_two_credentials_after_file(gateway):
+    body = file_part(b"x") + field_part("i", gateway.jwt()) + field_part("i", "y")
+    response = await upload(gateway, body + closing())
+
+    assert response.status == 400
+    assert gateway.fake.received == []
+
+
 async def test_upload_i_after_file_dropped(gateway):
     content = file_bytes(10_000)
     body = field_part("comment", "x") + file_part(content)
