@@ -10,8 +10,10 @@ names the key and never contains a secret's value.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -65,6 +67,13 @@ class ServerSettings:
     # Largest file held in a temporary file while the gateway looks for an
     # i field after it (no Authorization header, no i before the file).
     max_spooled_upload_size: int = 64 * 1024 * 1024
+    # Origins allowed to call the API from a browser; "*" allows any, which
+    # is safe because credentials travel in headers, never in cookies.
+    # Empty: no CORS headers at all.
+    cors_origins: tuple[str, ...] = ("*",)
+    # Peers (addresses or CIDR networks) whose X-Forwarded-For is kept and
+    # extended; from anyone else it is replaced by the peer's address.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -509,6 +518,19 @@ def _validate(settings: Settings) -> None:
         )
     if server.workers < 1:
         raise ConfigError("server.workers", f"must be at least 1, not {server.workers}")
+    for network in server.trusted_proxies:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(
+                "server.trusted_proxies", f"{network!r} is not an address or network"
+            ) from None
+    for origin in server.cors_origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ConfigError(
+                "server.cors_origins",
+                f'{origin!r} is not an origin like https://app.example or "*"',
+            )
     if server.max_spooled_upload_size < 0:
         raise ConfigError("server.max_spooled_upload_size", "must not be negative")
     if server.max_upload_size < 1:

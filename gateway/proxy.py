@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import itertools
 import json
 import os
@@ -61,6 +62,8 @@ REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Endpoints that take a file as multipart/form-data: Misskey's only endpoint
 # with requireFile.
 MULTIPART_ENDPOINTS = frozenset({"drive/files/create"})
+# An HTTP header name (RFC 9110 token), for echoing requested CORS headers.
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 # Largest upstream 401 body read to look for AUTHENTICATION_FAILED.
 MAX_ERROR_BODY = 64 * 1024
 # Content types whose body Misskey parses as JSON. A missing type and
@@ -124,10 +127,68 @@ class ApiProxy:
         self._limiter = limiter
         self._verifier: JwtVerifier | None = None
         self._max_body_size = settings.server.max_body_size
+        self._cors_origins = settings.server.cors_origins
+        self._trusted_proxies = [
+            ipaddress.ip_network(network, strict=False)
+            for network in settings.server.trusted_proxies
+        ]
         transport = settings.upstream.token_transport
         self._token_in_header = transport == "header"  # noqa: S105 - a mode name
 
+    def forwarded_for(self, request: web.Request) -> str:
+        """Return the X-Forwarded-For value to send upstream.
+
+        A client's own X-Forwarded-For is kept, with the peer appended, only
+        when the peer is a trusted proxy; otherwise it is the peer alone.
+        """
+        peer = request.remote or ""
+        if not self._trusted_proxies or not peer:
+            return peer
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return peer
+        if not any(address in network for network in self._trusted_proxies):
+            return peer
+        chain = ", ".join(
+            value.strip()
+            for value in request.headers.getall("X-Forwarded-For", [])
+            if value.strip()
+        )
+        return f"{chain}, {peer}" if chain else peer
+
+    def cors_headers(self, request: web.Request) -> dict[str, str]:
+        """Return the CORS headers for a response to ``request``, if any."""
+        origin = request.headers.get("Origin")
+        if origin is None or not self._cors_origins:
+            return {}
+        if "*" in self._cors_origins:
+            return {"Access-Control-Allow-Origin": "*"}
+        if origin in self._cors_origins:
+            return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+        return {}
+
+    def preflight(self, request: web.Request) -> web.Response:
+        """Answer a CORS preflight without a credential or a store lookup."""
+        headers = self.cors_headers(request)
+        if headers:
+            requested = request.headers.get("Access-Control-Request-Headers", "")
+            names = [name.strip() for name in requested.split(",") if name.strip()]
+            allowed = [name for name in names if HEADER_NAME.fullmatch(name)]
+            headers.update(
+                {
+                    "Access-Control-Allow-Methods": "GET, POST",
+                    "Access-Control-Allow-Headers": ", ".join(
+                        allowed or ["Authorization", "Content-Type"]
+                    ),
+                    "Access-Control-Max-Age": "600",
+                }
+            )
+        return web.Response(status=204, headers=headers)
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "OPTIONS":
+            return self.preflight(request)
         log = RequestLog(request_id=new_request_id(request), method=request.method)
         response: web.StreamResponse | None = None
         try:
@@ -135,6 +196,7 @@ class ApiProxy:
         except GatewayError as error:
             log.fields["error"] = error.code
             response = error_response(error, log.request_id)
+            response.headers.update(self.cors_headers(request))
         except UpstreamBodyFailed as error:
             log.fields["error"] = "UPSTREAM_BODY_FAILED"
             log.fields["detail"] = str(error)
@@ -218,7 +280,7 @@ class ApiProxy:
                 (n, v) for n, v in base_headers if n.lower() != "content-type"
             ]
             base_headers.append(("Content-Type", "application/json"))
-        base_headers.append(("X-Forwarded-For", request.remote or ""))
+        base_headers.append(("X-Forwarded-For", self.forwarded_for(request)))
         base_headers.append(("X-Forwarded-Proto", request.scheme))
         base_headers.append((REQUEST_ID_HEADER, log.request_id))
         headers, forwarded_body = self._with_token(base_headers, body, token)
@@ -354,7 +416,7 @@ class ApiProxy:
         log.fields["upload"] = True
 
         headers = forward_request_headers(request.headers)
-        headers.append(("X-Forwarded-For", request.remote or ""))
+        headers.append(("X-Forwarded-For", self.forwarded_for(request)))
         headers.append(("X-Forwarded-Proto", request.scheme))
         headers.append((REQUEST_ID_HEADER, log.request_id))
         target = f"/api/{endpoint}?{query}" if query else f"/api/{endpoint}"

@@ -374,7 +374,7 @@ class StreamingProxy:
         )
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
-        headers["X-Forwarded-For"] = request.remote or ""
+        headers["X-Forwarded-For"] = self._api.forwarded_for(request)
         headers["X-Forwarded-Proto"] = request.scheme
         headers[REQUEST_ID_HEADER] = request_id
         try:

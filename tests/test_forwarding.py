@@ -487,3 +487,81 @@ async def test_upstream_status_and_body_relayed(gateway, status, body, content_t
 
     assert response.status == status
     assert await response.read() == body
+
+
+# CORS and proxies in front of the gateway
+
+
+async def test_preflight_answered_without_credential(gateway):
+    response = await gateway.client.options(
+        "/api/notes/create",
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
+
+    assert response.status == 204
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert response.headers["Access-Control-Allow-Methods"] == "GET, POST"
+    assert response.headers["Access-Control-Allow-Headers"] == (
+        "authorization, content-type"
+    )
+    assert gateway.fake.received == []
+
+
+async def test_preflight_without_store(start_gateway):
+    from tests.conftest import free_port
+
+    gateway = await start_gateway(**{"store.url": f"redis://127.0.0.1:{free_port()}/0"})
+    response = await gateway.client.options(
+        "/api/i", headers={"Origin": "https://app.example"}
+    )
+
+    assert response.status == 204
+
+
+async def test_error_carries_cors_headers(gateway):
+    response = await gateway.client.post(
+        "/api/i", json={}, headers={"Origin": "https://app.example"}
+    )
+
+    assert response.status == 401
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+
+
+async def test_cors_listed_origins_only(start_gateway):
+    gateway = await start_gateway(**{"server.cors_origins": ["https://ok.example"]})
+    allowed = await gateway.client.options(
+        "/api/i", headers={"Origin": "https://ok.example"}
+    )
+    refused = await gateway.client.options(
+        "/api/i", headers={"Origin": "https://evil.example"}
+    )
+
+    assert allowed.headers["Access-Control-Allow-Origin"] == "https://ok.example"
+    assert allowed.headers["Vary"] == "Origin"
+    assert "Access-Control-Allow-Origin" not in refused.headers
+
+
+async def test_trusted_proxy_keeps_chain(start_gateway):
+    gateway = await start_gateway(**{"server.trusted_proxies": ["127.0.0.0/8"]})
+    await gateway.client.post(
+        "/api/meta", json={}, headers={"X-Forwarded-For": "203.0.113.9"}
+    )
+
+    assert gateway.fake.requests_to("meta")[0].headers["X-Forwarded-For"] == (
+        "203.0.113.9, 127.0.0.1"
+    )
+
+
+async def test_untrusted_peer_chain_replaced(start_gateway):
+    gateway = await start_gateway(**{"server.trusted_proxies": ["10.0.0.0/8"]})
+    await gateway.client.post(
+        "/api/meta", json={}, headers={"X-Forwarded-For": "203.0.113.9"}
+    )
+
+    assert gateway.fake.requests_to("meta")[0].headers["X-Forwarded-For"] == (
+        "127.0.0.1"
+    )
