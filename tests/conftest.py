@@ -105,6 +105,33 @@ def redis_prefix() -> str:
     return f"test-{uuid.uuid4().hex[:12]}:"
 
 
+# Tokens and credentials a test handed out; no log line may contain one.
+SECRETS: set[str] = set()
+
+
+def remember_secret(value: str) -> str:
+    SECRETS.add(value)
+    return value
+
+
+@pytest.fixture(autouse=True)
+def no_secrets_in_logs() -> Iterator[None]:
+    """Capture every test's gateway logs and fail the test if a secret is in them.
+
+    The secrets are the JWT signing secret, every JWT the ``Gateway`` helper
+    issued and every Misskey token a test stored or gave the fake Misskey.
+    """
+    buffer = io.StringIO()
+    configure_logging("debug", "json", stream=buffer, cache=False)
+    SECRETS.clear()
+    SECRETS.add(JWT_SECRET)
+    yield
+    text = buffer.getvalue()
+    leaked = sorted(secret for secret in SECRETS if secret and secret in text)
+    SECRETS.clear()
+    assert not leaked, f"{len(leaked)} secret(s) appeared in the gateway's logs"
+
+
 @pytest.fixture
 def log_output() -> Iterator[io.StringIO]:
     """The gateway's rendered JSON log lines, captured for the test."""
@@ -185,7 +212,9 @@ class Gateway:
         return str(self.client.make_url("")).rstrip("/")
 
     def jwt(self, principal: str = "alice", scope: str = "*", ttl: int = 300) -> str:
-        return issue_jwt(self.settings.jwt, JWT_SECRET, principal, scope, ttl)
+        return remember_secret(
+            issue_jwt(self.settings.jwt, JWT_SECRET, principal, scope, ttl)
+        )
 
     def bearer(self, principal: str = "alice", scope: str = "*") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.jwt(principal, scope)}"}
@@ -197,7 +226,7 @@ class Gateway:
 
     async def store_token(self, principal: str, token: str) -> None:
         """Store a token through the gateway's own store, so it is used at once."""
-        await self.store.set_token(principal, token)
+        await self.store.set_token(principal, remember_secret(token))
 
     async def delete_token(self, principal: str) -> None:
         await self.store.delete_token(principal)

@@ -136,6 +136,9 @@ class FakeMisskey:
     def add_token(
         self, token: str, username: str = "alice", permissions: tuple[str, ...] = ()
     ) -> Account:
+        from tests.conftest import remember_secret
+
+        remember_secret(token)
         all_kinds = permissions or (
             "read:account",
             "write:notes",

@@ -565,3 +565,20 @@ async def test_untrusted_peer_chain_replaced(start_gateway):
     assert gateway.fake.requests_to("meta")[0].headers["X-Forwarded-For"] == (
         "127.0.0.1"
     )
+
+
+async def test_length_with_chunked_rejected(gateway):
+    body = b'{"text":"x"}'
+    request = (
+        b"POST /api/notes/show HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+        + f"{len(body):x}\r\n".encode()
+        + body
+        + b"\r\n0\r\n\r\n"
+    )
+    server = gateway.client.server
+    response = await send_raw(server.host, server.port, request)
+
+    assert response.status == 400
+    assert gateway.fake.received == []
