@@ -122,6 +122,13 @@ class PolicyTable:
                 f"Unknown API endpoint: {endpoint}. "
                 f"Did you mean {endpoint.replace('_', '-')}?"
             )
+        if endpoint != endpoint.lower():
+            # Misskey's endpoint names are lower case. Another spelling of a
+            # known name must not pass as an unknown endpoint under another
+            # policy, in case a router matches names case-insensitively.
+            raise NoSuchEndpoint(
+                f"Unknown API endpoint: {endpoint}. Endpoint names are lower case."
+            )
         return EndpointPolicy(
             endpoint=endpoint,
             mode=Mode.REQUIRED,

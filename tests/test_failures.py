@@ -207,3 +207,31 @@ async def test_sqlite_unusable_is_503(start_gateway, tmp_path):
     assert ready.status == 503
     assert (await ready.json())["failing"] == ["sqlite"]
     assert gateway.fake.received == []
+
+
+@redis_only
+async def test_redis_slow_is_503_within_timeout(start_gateway, own_redis):
+    import signal
+
+    gateway = await start_gateway(
+        **{"store.url": own_redis.url, "store.cache_ttl": 0, "redis.timeout": 0.3}
+    )
+    gateway.fake.add_token(STORED, "alice")
+    await gateway.store_token("alice", STORED)
+    own_redis.process.send_signal(signal.SIGSTOP)
+    try:
+        started = asyncio.get_running_loop().time()
+        response = await gateway.client.post(
+            "/api/i", json={}, headers=gateway.bearer()
+        )
+        elapsed = asyncio.get_running_loop().time() - started
+    finally:
+        own_redis.process.send_signal(signal.SIGCONT)
+    after = await gateway.client.post("/api/i", json={}, headers=gateway.bearer())
+
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "1"
+    # One command timeout plus the one quick retry, with margin.
+    assert elapsed < 2.0
+    assert after.status == 200
+    assert len(gateway.fake.requests_to("i")) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -582,3 +583,31 @@ async def test_length_with_chunked_rejected(gateway):
 
     assert response.status == 400
     assert gateway.fake.received == []
+
+
+def load_path_corpus() -> list[tuple[str, str]]:
+    corpus = Path(__file__).parent / "data" / "path_corpus.tsv"
+    rows = []
+    for line in corpus.read_text(encoding="utf-8").splitlines():
+        if line and not line.startswith("#"):
+            raw, expected = line.split("\t")
+            rows.append((raw, expected))
+    return rows
+
+
+@pytest.mark.parametrize(("raw_path", "expected"), load_path_corpus())
+async def test_path_corpus(gateway, raw_path, expected):
+    request = (
+        f"POST {raw_path} HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n"
+        f"Authorization: Bearer {gateway.jwt()}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 2\r\n\r\n{}"
+    ).encode()
+    server = gateway.client.server
+    response = await send_raw(server.host, server.port, request)
+
+    if expected == "reject":
+        assert 400 <= response.status < 500, response.status
+        assert gateway.fake.received == []
+        return
+    endpoint = expected.removeprefix("forward:")
+    assert [r.path for r in gateway.fake.received] == [f"/api/{endpoint}"]
