@@ -12,6 +12,7 @@ from aiohttp import web
 
 from gateway.config import Settings
 from gateway.errors import GatewayError, NoSuchEndpoint, StoreUnavailable
+from gateway.metrics import metrics_view
 from gateway.oauth import TokenEndpoint
 from gateway.onboarding import Onboarding
 from gateway.policy import PolicyTable, load_policy_table
@@ -23,6 +24,7 @@ from gateway.ratelimit import (
     local_limiter,
     redis_limiter,
 )
+from gateway.readiness import UpstreamProbe
 from gateway.store import RedisTokenStore, TokenStore, open_serving_store
 from gateway.streaming import StreamingProxy
 from gateway.token_cache import CachedTokenStore
@@ -39,6 +41,7 @@ PROXY_KEY = web.AppKey("proxy", ApiProxy)
 ONBOARDING_KEY = web.AppKey("onboarding", Onboarding)
 TOKEN_ENDPOINT_KEY = web.AppKey("token_endpoint", TokenEndpoint)
 STREAMING_KEY = web.AppKey("streaming", StreamingProxy)
+UPSTREAM_PROBE_KEY = web.AppKey("upstream_probe", UpstreamProbe)
 
 
 def create_app(
@@ -55,10 +58,14 @@ def create_app(
     app[SETTINGS_KEY] = settings
     app[POLICY_KEY] = policy
     app.cleanup_ctx.append(_resources)
+    # aiohttp runs on_shutdown after the listening sockets are closed and
+    # before it waits for in-flight requests.
+    app.on_shutdown.append(_log_stopping)
     app.on_shutdown.append(_close_streams)
 
     app.router.add_get("/_gateway/healthz", _healthz)
     app.router.add_get("/_gateway/readyz", _readyz)
+    app.router.add_get("/_gateway/metrics", metrics_view)
     app.router.add_get("/_gateway/miauth/", _miauth_form)
     app.router.add_route("*", "/_gateway/miauth/start", _miauth_start)
     app.router.add_get("/_gateway/miauth/callback", _miauth_callback)
@@ -103,6 +110,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     pool = create_pool(settings.upstream)
     app[STORE_KEY] = store
     app[UPSTREAM_KEY] = pool
+    probe = UpstreamProbe(pool.host, pool.port)
+    app[UPSTREAM_PROBE_KEY] = probe
     app[ONBOARDING_KEY] = Onboarding(settings, store)
     app[TOKEN_ENDPOINT_KEY] = TokenEndpoint(settings, store)
     app[PROXY_KEY] = ApiProxy(
@@ -125,6 +134,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await policy_check
         await streaming.close()
+        await probe.close()
         await pool.close()
         await store.close()
 
@@ -193,12 +203,35 @@ async def _healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def _log_stopping(app: web.Application) -> None:
+    grace = app[SETTINGS_KEY].server.shutdown_grace
+    logger.info("gateway.stopping", grace_seconds=grace)
+
+
 async def _readyz(request: web.Request) -> web.Response:
-    store = request.app[STORE_KEY]
+    """Report whether the store, the upstream and the policy table are usable."""
+    app = request.app
+    store = app[STORE_KEY]
+    store_ok, upstream_ok = await asyncio.gather(
+        _store_answers(store), app[UPSTREAM_PROBE_KEY].reachable()
+    )
+    failing = []
+    if not store_ok:
+        failing.append(store.kind)
+    if not upstream_ok:
+        failing.append("upstream")
+    if len(app[POLICY_KEY]) == 0:
+        failing.append("policy")
+    if failing:
+        return web.json_response(
+            {"status": "unavailable", "failing": failing}, status=503
+        )
+    return web.json_response({"status": "ok"})
+
+
+async def _store_answers(store: TokenStore) -> bool:
     try:
         await store.ping()
     except StoreUnavailable:
-        return web.json_response(
-            {"status": "unavailable", "failing": [store.kind]}, status=503
-        )
-    return web.json_response({"status": "ok"})
+        return False
+    return True

@@ -8,8 +8,11 @@ import getpass
 import json
 import multiprocessing
 import multiprocessing.connection
+import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -20,6 +23,7 @@ import aiohttp
 import jwt as pyjwt
 import structlog
 from aiohttp import web
+from prometheus_client import multiprocess
 
 from gateway import __version__
 from gateway.apikeys import new_api_key
@@ -29,6 +33,7 @@ from gateway.credentials import JWT_ID_PATTERN, issue_jwt, validate_principal
 from gateway.errors import StoredTokenInvalid, StoreUnavailable
 from gateway.grants import CLIENT_ID_PATTERN, new_invite, new_oauth_client
 from gateway.logs import configure_logging
+from gateway.metrics import MULTIPROC_DIR_ENV
 from gateway.onboarding import CALLBACK_PATH
 from gateway.policy import API_PREFIX, load_policy_table
 from gateway.policy_rules import render_table
@@ -333,7 +338,18 @@ def _serve(args: argparse.Namespace) -> int:
     structlog.get_logger("gateway").info(
         "gateway.workers", workers=workers, policy_rows=len(policy)
     )
-    return _run_workers(settings, workers)
+    if os.environ.get(MULTIPROC_DIR_ENV):
+        # The operator chose the directory, and empties it between runs.
+        return _run_workers(settings, workers)
+    # The workers inherit the variable, and prometheus-client reads it when
+    # they import it.
+    metrics_dir = tempfile.mkdtemp(prefix="misskey-gateway-metrics-")
+    os.environ[MULTIPROC_DIR_ENV] = metrics_dir
+    try:
+        return _run_workers(settings, workers)
+    finally:
+        del os.environ[MULTIPROC_DIR_ENV]
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _run_worker(settings: Settings, reuse_port: bool) -> None:
@@ -350,16 +366,21 @@ def _run_worker(settings: Settings, reuse_port: bool) -> None:
         policy_rows=len(policy),
         policy_misskey_version=policy.misskey_version,
     )
+    loop = new_event_loop()
+    _handle_stop_signals(loop)
     try:
         web.run_app(
             app,
-            loop=new_event_loop(),
+            loop=loop,
             host=settings.server.host,
             port=settings.server.port,
             reuse_port=reuse_port,
             access_log=None,
             print=None,
-            handle_signals=True,
+            handle_signals=False,
+            # Seconds in-flight requests get after SIGTERM; the listening
+            # socket is closed first, so new connections are refused.
+            shutdown_timeout=settings.server.shutdown_grace,
         )
     except OSError as error:
         where = f"{settings.server.host}:{settings.server.port}"
@@ -368,6 +389,28 @@ def _run_worker(settings: Settings, reuse_port: bool) -> None:
             f"cannot listen on {where}: {error.strerror or error}"
         ) from None
     logger.info("gateway.stopped")
+
+
+def _handle_stop_signals(loop: asyncio.AbstractEventLoop) -> None:
+    """Start a graceful stop on the first SIGTERM or SIGINT, and ignore repeats.
+
+    Ctrl-C in a terminal reaches each worker of ``serve --workers N`` twice:
+    directly, and as the SIGTERM that the parent passes on. With aiohttp's own
+    handlers the second signal would end the grace period at once.
+    """
+    logger = structlog.get_logger("gateway")
+    received = False
+
+    def stop(signum: int) -> None:
+        nonlocal received
+        if received:
+            logger.info("gateway.signal_ignored", signal=signal.Signals(signum).name)
+            return
+        received = True
+        raise web.GracefulExit()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop, signum)
 
 
 def _worker_main(settings: Settings) -> None:
@@ -420,6 +463,8 @@ def _run_workers(settings: Settings, workers: int) -> int:
             exited = next(p for p in running if p.sentinel == sentinel)
             exited.join()
             running.remove(exited)
+            if exited.pid is not None:
+                multiprocess.mark_process_dead(exited.pid)  # type: ignore[no-untyped-call]
             if not stopping and exited.exitcode != 0:
                 # One worker failed: stop the others rather than run short.
                 stop()

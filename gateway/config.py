@@ -60,6 +60,9 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
+    # Seconds that in-flight requests get to finish after SIGTERM or SIGINT
+    # before their connections are closed.
+    shutdown_grace: float = 30.0
     max_body_size: int = 1024 * 1024
     # Largest multipart upload (drive/files/create), in bytes; the upstream
     # applies its own limit as well.
@@ -518,6 +521,11 @@ def _validate(settings: Settings) -> None:
         )
     if server.workers < 1:
         raise ConfigError("server.workers", f"must be at least 1, not {server.workers}")
+    if server.shutdown_grace < 0:
+        raise ConfigError(
+            "server.shutdown_grace",
+            f"must not be negative, not {server.shutdown_grace}",
+        )
     for network in server.trusted_proxies:
         try:
             ipaddress.ip_network(network, strict=False)

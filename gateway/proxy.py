@@ -33,10 +33,12 @@ from gateway.errors import (
     MethodNotAllowed,
     PayloadTooLarge,
     PermissionDenied,
+    StoreUnavailable,
     UnsupportedMediaType,
     UpstreamUnavailable,
 )
 from gateway.jwks import JwksKeySet
+from gateway.metrics import STORE_ERRORS, RequestMetrics
 from gateway.multipart import MultipartRewriter, parse_boundary
 from gateway.policy import EndpointPolicy, Mode, PolicyTable, endpoint_from_path
 from gateway.ratelimit import RateLimiter, RateLimitExceeded
@@ -125,6 +127,7 @@ class ApiProxy:
         self._store = store
         self._relay = relay
         self._limiter = limiter
+        self._metrics = RequestMetrics(policy.names())
         self._verifier: JwtVerifier | None = None
         self._max_body_size = settings.server.max_body_size
         self._cors_origins = settings.server.cors_origins
@@ -195,6 +198,8 @@ class ApiProxy:
             response = await self._handle(request, log)
         except GatewayError as error:
             log.fields["error"] = error.code
+            if isinstance(error, StoreUnavailable):
+                STORE_ERRORS.inc()
             response = error_response(error, log.request_id)
             response.headers.update(self.cors_headers(request))
         except UpstreamBodyFailed as error:
@@ -210,6 +215,12 @@ class ApiProxy:
             response = error_response(GatewayError(), log.request_id)
         finally:
             self._log_request(log, response)
+            self._metrics.record(
+                log.fields.get("endpoint"),
+                log.fields.get("mode"),
+                response.status if response is not None else None,
+                log.timings.get("upstream_ms"),
+            )
         return response
 
     def _log_request(

@@ -26,6 +26,12 @@ import structlog
 from gateway.apikeys import ApiKeyRecord
 from gateway.errors import StoreUnavailable
 from gateway.grants import MiAuthSession, OAuthClientRecord
+from gateway.metrics import (
+    ROTATIONS,
+    TOKEN_CACHE_HIT,
+    TOKEN_CACHE_MISS,
+    TOKEN_CACHE_STALE,
+)
 from gateway.redis_client import REDIS_ERRORS
 from gateway.store import RedisTokenStore
 
@@ -113,9 +119,11 @@ class CachedTokenStore:
         entry = self._entries.get(principal)
         if entry is not None and now < entry.expires_at:
             self.hits += 1
+            TOKEN_CACHE_HIT.inc()
             return entry.token
 
         self.misses += 1
+        TOKEN_CACHE_MISS.inc()
         generation = self._generation
         try:
             token = await self.inner.get_token(principal)
@@ -126,6 +134,7 @@ class CachedTokenStore:
                 and now < entry.expires_at + self.stale_limit
             ):
                 self.stale_hits += 1
+                TOKEN_CACHE_STALE.inc()
                 if not self._serving_stale:
                     self._serving_stale = True
                     logger.warning("store.serving_stale", stale_limit=self.stale_limit)
@@ -259,6 +268,7 @@ class CachedTokenStore:
                             logger.info("store.subscription_restored", channel=channel)
                         failures = 0
                     elif kind == "message":
+                        ROTATIONS.inc()
                         principal = message["data"]
                         if isinstance(principal, bytes):
                             principal = principal.decode("utf-8", "replace")
