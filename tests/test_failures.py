@@ -235,3 +235,91 @@ async def test_redis_slow_is_503_within_timeout(start_gateway, own_redis):
     assert elapsed < 2.0
     assert after.status == 200
     assert len(gateway.fake.requests_to("i")) == 1
+
+
+# Resources after failures: a pool of two connections must survive many
+# failed exchanges, so a slot lost per failure would show at once.
+
+
+def gateway_tasks() -> list[str]:
+    """Return the names of running tasks whose code is the gateway's own."""
+    names = []
+    for task in asyncio.all_tasks():
+        code = getattr(task.get_coro(), "cr_code", None)
+        # The start-up policy check ends on its own, whatever the test does.
+        if code is None or code.co_name == "check_policy_against_upstream":
+            continue
+        if "/gateway/" in code.co_filename:
+            names.append(code.co_qualname)
+    return sorted(names)
+
+
+async def test_no_connection_leak_after_failures(start_gateway):
+    gateway = await start_gateway(
+        **{"upstream.max_connections": 2, "upstream.read_timeout": 0.2}
+    )
+    await gateway.store_token("alice", STORED)
+    gateway.fake.add_token(STORED, "alice")
+
+    async def drop(request, received):
+        request.transport.close()
+        await asyncio.sleep(0.5)
+        return web.Response()
+
+    async def slow(request, received):
+        await asyncio.sleep(1)
+        return web.json_response({})
+
+    async def truncated(request, received):
+        response = web.StreamResponse(headers={"Content-Length": "1000"})
+        await response.prepare(request)
+        await response.write(b"x" * 10)
+        request.transport.close()
+        return response
+
+    gateway.fake.handlers.update(
+        {"fake/drop": drop, "fake/slow": slow, "fake/truncated": truncated}
+    )
+    tasks_before = gateway_tasks()
+    statuses = []
+    for path in ["fake/drop", "fake/slow", "fake/truncated"] * 3:
+        try:
+            response = await gateway.client.post(
+                f"/api/{path}", json={}, headers=gateway.bearer()
+            )
+            await response.read()
+            statuses.append(response.status)
+        except Exception:  # noqa: BLE001 - the truncated body ends the connection
+            statuses.append(0)
+    after = await gateway.client.post("/api/i", json={}, headers=gateway.bearer())
+    await asyncio.sleep(0.6)  # let the fake's handlers finish their sleeps
+
+    assert set(statuses) <= {0, 200, 502, 504}
+    assert after.status == 200
+    assert gateway_tasks() == tasks_before
+
+
+async def test_client_gone_mid_upload_releases_connection(start_gateway):
+    gateway = await start_gateway(**{"upstream.max_connections": 1})
+    await gateway.store_token("alice", STORED)
+    gateway.fake.add_token(STORED, "alice")
+    server = gateway.client.server
+    boundary = "cut-boundary"
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(
+            b"POST /api/drive/files/create HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {gateway.jwt()}\r\n".encode()
+            + f"Content-Type: multipart/form-data; boundary={boundary}\r\n".encode()
+            + b"Content-Length: 10000000\r\n\r\n"
+            + f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '.encode()
+            + b'filename="a"\r\n\r\n'
+            + b"x" * 200_000
+        )
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.close()
+    await asyncio.sleep(0.3)
+    after = await gateway.client.post("/api/i", json={}, headers=gateway.bearer())
+
+    assert after.status == 200
