@@ -70,6 +70,9 @@ class ServerSettings:
     # Largest file held in a temporary file while the gateway looks for an
     # i field after it (no Authorization header, no i before the file).
     max_spooled_upload_size: int = 64 * 1024 * 1024
+    # Seconds a client may take to send a JSON body, and may go without
+    # sending any part of an upload, before it gets 408.
+    client_body_timeout: float = 30.0
     # Origins allowed to call the API from a browser; "*" allows any, which
     # is safe because credentials travel in headers, never in cookies.
     # Empty: no CORS headers at all.
@@ -539,6 +542,10 @@ def _validate(settings: Settings) -> None:
                 "server.cors_origins",
                 f'{origin!r} is not an origin like https://app.example or "*"',
             )
+    if server.client_body_timeout <= 0:
+        raise ConfigError(
+            "server.client_body_timeout", "must be a positive number of seconds"
+        )
     if server.max_spooled_upload_size < 0:
         raise ConfigError("server.max_spooled_upload_size", "must not be negative")
     if server.max_upload_size < 1:

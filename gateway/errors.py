@@ -9,6 +9,7 @@ chained with ``from``, so request handling deals only with these types::
     │   ├── InvalidRequest          400 INVALID_PARAM
     │   ├── NoSuchEndpoint          404 UNKNOWN_API_ENDPOINT
     │   ├── MethodNotAllowed        405 METHOD_NOT_ALLOWED
+    │   ├── RequestTimeout          408 REQUEST_TIMEOUT
     │   ├── PayloadTooLarge         413 PAYLOAD_TOO_LARGE
     │   ├── RateLimitExceeded       429 RATE_LIMIT_EXCEEDED (gateway.ratelimit)
     │   ├── UpgradeRequired         426 UPGRADE_REQUIRED (gateway.streaming)
@@ -97,6 +98,13 @@ class MethodNotAllowed(ClientError):
 
     def headers(self) -> dict[str, str]:
         return {"Allow": ", ".join(self.allowed)}
+
+
+class RequestTimeout(ClientError):
+    status = 408
+    code = "REQUEST_TIMEOUT"
+    error_id = "f3a9c1d7-2e64-4b08-95d1-7c0b8e4a6f25"
+    default_message = "The client sent the request body too slowly."
 
 
 class PayloadTooLarge(ClientError):

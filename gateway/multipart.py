@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import IO
 
-from gateway.errors import InvalidRequest, PayloadTooLarge
+from gateway.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
 
 CREDENTIAL_FIELD = "i"
 # Fields before the file, and each part's header block, are held in memory.
@@ -93,7 +93,15 @@ class MultipartRewriter:
     client body with any further ``i`` parts removed.
     """
 
-    def __init__(self, boundary: str, chunks: AsyncIterator[bytes], limit: int):
+    def __init__(
+        self,
+        boundary: str,
+        chunks: AsyncIterator[bytes],
+        limit: int,
+        idle_timeout: float | None = None,
+    ):
+        # Seconds the client may go without sending any part of the body.
+        self._idle_timeout = idle_timeout
         self._delimiter = b"\r\n--" + boundary.encode("latin-1")
         self._first = b"--" + boundary.encode("latin-1")
         self._chunks = chunks
@@ -250,10 +258,15 @@ class MultipartRewriter:
         if self._eof:
             return False
         try:
-            chunk = await self._chunks.__anext__()
+            async with asyncio.timeout(self._idle_timeout):
+                chunk = await self._chunks.__anext__()
         except StopAsyncIteration:
             self._eof = True
             return False
+        except TimeoutError:
+            raise RequestTimeout(
+                f"No part of the upload arrived for {self._idle_timeout:g} seconds."
+            ) from None
         self._received += len(chunk)
         if self._received > self._limit:
             raise PayloadTooLarge(

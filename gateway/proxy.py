@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import itertools
@@ -33,6 +34,7 @@ from gateway.errors import (
     MethodNotAllowed,
     PayloadTooLarge,
     PermissionDenied,
+    RequestTimeout,
     StoreUnavailable,
     UnsupportedMediaType,
     UpstreamUnavailable,
@@ -108,6 +110,9 @@ def error_response(error: GatewayError, request_id: str) -> web.Response:
     )
     response.headers.update(error.headers())
     response.headers[REQUEST_ID_HEADER] = request_id
+    if isinstance(error, RequestTimeout):
+        # The rest of the body may still trickle in; do not wait for it.
+        response.force_close()
     return response
 
 
@@ -396,7 +401,12 @@ class ApiProxy:
                 f"The upload is larger than {limit} bytes.", {"limit": limit}
             )
         boundary = parse_boundary(request.headers.get("Content-Type", ""))
-        rewriter = MultipartRewriter(boundary, request.content.iter_any(), limit)
+        rewriter = MultipartRewriter(
+            boundary,
+            request.content.iter_any(),
+            limit,
+            idle_timeout=self._settings.server.client_body_timeout,
+        )
         try:
             return await self._relay_upload(
                 request, endpoint, policy, header_credential, query, log, rewriter
@@ -493,7 +503,13 @@ class ApiProxy:
         try:
             # The application's client_max_size is the same limit, so a
             # chunked body is refused as soon as it grows past it.
-            return await request.read()
+            async with asyncio.timeout(self._settings.server.client_body_timeout):
+                return await request.read()
+        except TimeoutError:
+            raise RequestTimeout(
+                "The request body did not arrive within "
+                f"{self._settings.server.client_body_timeout:g} seconds."
+            ) from None
         except web.HTTPRequestEntityTooLarge:
             raise PayloadTooLarge(
                 f"The request body is larger than {limit} bytes.", {"limit": limit}

@@ -323,3 +323,52 @@ async def test_client_gone_mid_upload_releases_connection(start_gateway):
     after = await gateway.client.post("/api/i", json={}, headers=gateway.bearer())
 
     assert after.status == 200
+
+
+# Slow clients
+
+
+async def test_slow_json_body_is_408(start_gateway):
+    gateway = await start_gateway(**{"server.client_body_timeout": 0.3})
+    server = gateway.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(
+        b"POST /api/meta HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"text":'
+    )
+    await writer.drain()
+    started = asyncio.get_running_loop().time()
+    # aiohttp may keep reading and dropping the rest of the body for a while
+    # (lingering close), so read the response, not until the end of stream.
+    data = await asyncio.wait_for(reader.read(2000), 5)
+    elapsed = asyncio.get_running_loop().time() - started
+    writer.close()
+
+    assert data.startswith(b"HTTP/1.1 408")
+    assert b"REQUEST_TIMEOUT" in data
+    assert elapsed < 2
+    assert gateway.fake.received == []
+
+
+async def test_stalled_upload_is_408(start_gateway):
+    gateway = await start_gateway(**{"server.client_body_timeout": 0.3})
+    await gateway.store_token("alice", STORED)
+    gateway.fake.add_token(STORED, "alice")
+    server = gateway.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(
+        b"POST /api/drive/files/create HTTP/1.1\r\nHost: x\r\n"
+        + f"Authorization: Bearer {gateway.jwt()}\r\n".encode()
+        + b"Content-Type: multipart/form-data; boundary=stall\r\n"
+        + b"Content-Length: 1000000\r\n\r\n"
+        + b"--stall\r\n"
+        + b'Content-Disposition: form-data; name="file"; filename="a"\r\n\r\n'
+        + b"x" * 1000
+    )
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(2000), 5)
+    writer.close()
+    after = await gateway.client.post("/api/i", json={}, headers=gateway.bearer())
+
+    assert data.startswith(b"HTTP/1.1 408")
+    assert after.status == 200
