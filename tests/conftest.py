@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import redis
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import STORE_KEY, create_app
@@ -125,11 +126,32 @@ def no_secrets_in_logs() -> Iterator[None]:
     configure_logging("debug", "json", stream=buffer, cache=False)
     SECRETS.clear()
     SECRETS.add(JWT_SECRET)
+    RESPONSES.clear()
     yield
     text = buffer.getvalue()
     leaked = sorted(secret for secret in SECRETS if secret and secret in text)
+    # Responses may carry JWTs back to whoever sent them, but never a stored
+    # Misskey token or the signing secret.
+    sent = "\n".join(RESPONSES)
+    exposed = sorted(
+        secret for secret in SECRETS - ISSUED_JWTS if secret and secret in sent
+    )
     SECRETS.clear()
+    ISSUED_JWTS.clear()
+    RESPONSES.clear()
     assert not leaked, f"{len(leaked)} secret(s) appeared in the gateway's logs"
+    assert not exposed, f"{len(exposed)} secret(s) appeared in gateway responses"
+
+
+# Headers and complete bodies of every response the gateways under test sent.
+RESPONSES: list[str] = []
+ISSUED_JWTS: set[str] = set()
+
+
+async def record_response(request: web.Request, response: web.StreamResponse) -> None:
+    body = getattr(response, "body", None)
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else ""
+    RESPONSES.append(str(dict(response.headers)) + "\n" + text)
 
 
 @pytest.fixture
@@ -212,9 +234,9 @@ class Gateway:
         return str(self.client.make_url("")).rstrip("/")
 
     def jwt(self, principal: str = "alice", scope: str = "*", ttl: int = 300) -> str:
-        return remember_secret(
-            issue_jwt(self.settings.jwt, JWT_SECRET, principal, scope, ttl)
-        )
+        issued = issue_jwt(self.settings.jwt, JWT_SECRET, principal, scope, ttl)
+        ISSUED_JWTS.add(issued)
+        return remember_secret(issued)
 
     def bearer(self, principal: str = "alice", scope: str = "*") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.jwt(principal, scope)}"}
@@ -246,9 +268,9 @@ async def start_gateway(
             upstream_server.make_url("")
         ).rstrip("/")
         settings = make_settings(upstream_url, **overrides)
-        client: TestClient[Any, Any] = TestClient(
-            TestServer(create_app(settings), host="127.0.0.1")
-        )
+        app = create_app(settings)
+        app.on_response_prepare.append(record_response)
+        client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
         await client.start_server()
         clients.append(client)
         return Gateway(client=client, fake=fake_misskey, settings=settings)

@@ -477,7 +477,9 @@ class FakeMisskey:
             return {"createdNote": note}
         if endpoint in ("notes/local-timeline", "notes/timeline"):
             return [note]
-        return {"endpoint": endpoint, "user": user, "params": params}
+        # Misskey never sends the token back; echo everything else.
+        echoed = {key: value for key, value in params.items() if key != "i"}
+        return {"endpoint": endpoint, "user": user, "params": echoed}
 
 
 def _error(
