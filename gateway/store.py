@@ -431,12 +431,7 @@ class RedisTokenStore:
         )
         if not fields:
             return None
-        values = {
-            (k.decode() if isinstance(k, bytes) else k): (
-                v.decode() if isinstance(v, bytes) else v
-            )
-            for k, v in fields.items()
-        }
+        values = _decode_hash(fields)
         try:
             return OAuthClientRecord(
                 client_id=client_id,
@@ -471,12 +466,7 @@ def _api_key_record(digest: str, fields: dict[Any, Any]) -> ApiKeyRecord | None:
     """Build a record from a Redis hash; None when it is missing or damaged."""
     if not fields:
         return None
-    values = {
-        (k.decode() if isinstance(k, bytes) else k): (
-            v.decode() if isinstance(v, bytes) else v
-        )
-        for k, v in fields.items()
-    }
+    values = _decode_hash(fields)
     try:
         return ApiKeyRecord(
             digest=digest,
@@ -487,6 +477,16 @@ def _api_key_record(digest: str, fields: dict[Any, Any]) -> ApiKeyRecord | None:
         )
     except (KeyError, ValueError):
         return None
+
+
+def _decode_hash(fields: dict[Any, Any]) -> dict[str, str]:
+    """Return a Redis hash's fields and values as text."""
+    return {
+        (k.decode() if isinstance(k, bytes) else k): (
+            v.decode() if isinstance(v, bytes) else v
+        )
+        for k, v in fields.items()
+    }
 
 
 def _glob_escape(text: str) -> str:

@@ -425,18 +425,7 @@ class UpstreamPool:
         head = self._encode_head(method, target, headers, body)
         connection = await self._acquire()
         response = connection.send(head + body if body else head, method)
-        try:
-            await response._headers_ready
-        except TimeoutError as error:
-            response.release()
-            raise UpstreamTimeout() from error
-        except (OSError, UpstreamProtocolError) as error:
-            response.release()
-            raise UpstreamUnavailable() from error
-        except BaseException:
-            response.release()
-            raise
-        return response
+        return await _wait_for_headers(response)
 
     async def request_streaming(
         self,
@@ -475,15 +464,7 @@ class UpstreamPool:
             response.discard()
             raise
         connection.start_read_timer()
-        try:
-            await response._headers_ready
-        except TimeoutError as error:
-            response.release()
-            raise UpstreamTimeout() from error
-        except (OSError, UpstreamProtocolError) as error:
-            response.release()
-            raise UpstreamUnavailable() from error
-        return response
+        return await _wait_for_headers(response)
 
     async def close(self) -> None:
         for connection in list(self._all):
@@ -555,3 +536,19 @@ class UpstreamPool:
 def _closing(connection: _Connection) -> bool:
     transport: Any = connection.transport
     return transport is None or transport.is_closing()
+
+
+async def _wait_for_headers(response: UpstreamResponse) -> UpstreamResponse:
+    """Return ``response`` once its headers arrived; release it on any failure."""
+    try:
+        await response._headers_ready
+    except TimeoutError as error:
+        response.release()
+        raise UpstreamTimeout() from error
+    except (OSError, UpstreamProtocolError) as error:
+        response.release()
+        raise UpstreamUnavailable() from error
+    except BaseException:
+        response.release()
+        raise
+    return response
