@@ -477,3 +477,33 @@ async def test_misskey_js_stream_through_gateway(gateway):
     record = await accepted_stream(gateway.fake)
     assert record.token == STORED
     assert "i=" not in record.query_string
+
+
+async def test_client_vanishing_closes_upstream(gateway, log_output):
+    ws = await gateway.client.ws_connect("/streaming", headers=gateway.bearer())
+    record = await accepted_stream(gateway.fake)
+    await ws.send_str("one")
+    await receive_json(ws)
+    # Drop the TCP connection without a WebSocket close frame.
+    ws._response.connection.transport.abort()
+    await asyncio.wait_for(record.closed.wait(), 5)
+    deadline = time.monotonic() + 5
+    events: list[dict[str, Any]] = []
+    while not events and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+        events = [
+            json.loads(line)
+            for line in log_output.getvalue().splitlines()
+            if '"streaming.session"' in line
+        ]
+    await asyncio.sleep(0.2)
+    events = [
+        json.loads(line)
+        for line in log_output.getvalue().splitlines()
+        if '"streaming.session"' in line
+    ]
+
+    # The gateway ends the upstream socket itself, with 1001 (going away).
+    assert record.close_code == 1001
+    assert len(events) == 1
+    assert events[0]["closed_by"] == "gateway"
