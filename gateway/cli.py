@@ -381,6 +381,10 @@ def _run_worker(settings: Settings, reuse_port: bool) -> None:
             # Seconds in-flight requests get after SIGTERM; the listening
             # socket is closed first, so new connections are refused.
             shutdown_timeout=settings.server.shutdown_grace,
+            # aiohttp closes a connection that has not sent a whole request
+            # this long after it opened or after its last response, so this
+            # also bounds clients that send their headers slowly.
+            keepalive_timeout=settings.server.keepalive_timeout,
         )
     except OSError as error:
         where = f"{settings.server.host}:{settings.server.port}"

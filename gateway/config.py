@@ -63,6 +63,9 @@ class ServerSettings:
     # Seconds that in-flight requests get to finish after SIGTERM or SIGINT
     # before their connections are closed.
     shutdown_grace: float = 30.0
+    # Seconds a client connection may stay idle, or take to send the headers
+    # of its next request, before it is closed.
+    keepalive_timeout: float = 75.0
     max_body_size: int = 1024 * 1024
     # Largest multipart upload (drive/files/create), in bytes; the upstream
     # applies its own limit as well.
@@ -542,6 +545,10 @@ def _validate(settings: Settings) -> None:
                 "server.cors_origins",
                 f'{origin!r} is not an origin like https://app.example or "*"',
             )
+    if server.keepalive_timeout <= 0:
+        raise ConfigError(
+            "server.keepalive_timeout", "must be a positive number of seconds"
+        )
     if server.client_body_timeout <= 0:
         raise ConfigError(
             "server.client_body_timeout", "must be a positive number of seconds"

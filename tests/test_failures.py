@@ -372,3 +372,59 @@ async def test_stalled_upload_is_408(start_gateway):
 
     assert data.startswith(b"HTTP/1.1 408")
     assert after.status == 200
+
+
+async def test_slow_headers_connection_closed(tmp_path):
+    """A client dripping header lines is cut off after server.keepalive_timeout."""
+    import os
+    import sys
+
+    import aiohttp
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MISSKEY_GATEWAY_")}
+    env.update(
+        {
+            "MISSKEY_GATEWAY_SERVER_KEEPALIVE_TIMEOUT": "0.5",
+            "MISSKEY_GATEWAY_STORE_URL": f"sqlite:///{tmp_path / 'store.db'}",
+            "MISSKEY_GATEWAY_POLICY_CHECK_UPSTREAM": "false",
+        }
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1",
+        "--port", str(port), "--upstream", f"http://127.0.0.1:{free_port()}",
+        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                try:
+                    async with session.get(
+                        f"http://127.0.0.1:{port}/_gateway/healthz"
+                    ) as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /api/meta HTTP/1.1\r\nHost: x\r\n")
+        started = asyncio.get_running_loop().time()
+        closed_after = None
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            try:
+                writer.write(b"X-Slow: y\r\n")
+                await writer.drain()
+            except (ConnectionError, OSError):
+                closed_after = asyncio.get_running_loop().time() - started
+                break
+            if reader.at_eof():
+                closed_after = asyncio.get_running_loop().time() - started
+                break
+        writer.close()
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 10)
+
+    assert closed_after is not None
+    assert closed_after < 3
