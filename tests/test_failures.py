@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from aiohttp import web
@@ -299,7 +300,7 @@ async def test_no_connection_leak_after_failures(start_gateway):
     assert gateway_tasks() == tasks_before
 
 
-async def test_client_gone_mid_upload_releases_connection(start_gateway):
+async def test_client_gone_mid_upload_releases_connection(start_gateway, log_output):
     gateway = await start_gateway(**{"upstream.max_connections": 1})
     await gateway.store_token("alice", STORED)
     gateway.fake.add_token(STORED, "alice")
@@ -321,8 +322,16 @@ async def test_client_gone_mid_upload_releases_connection(start_gateway):
         writer.close()
     await asyncio.sleep(0.3)
     after = await gateway.client.post("/api/i", json={}, headers=gateway.bearer())
+    uploads = [
+        json.loads(line)
+        for line in log_output.getvalue().splitlines()
+        if '"event":"request"' in line and "drive/files/create" in line
+    ]
 
     assert after.status == 200
+    # Each abandoned upload is logged once, as the request it was.
+    assert len(uploads) == 3
+    assert all(event["endpoint"] == "drive/files/create" for event in uploads)
 
 
 # Slow clients

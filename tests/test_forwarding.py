@@ -611,3 +611,21 @@ async def test_path_corpus(gateway, raw_path, expected):
         return
     endpoint = expected.removeprefix("forward:")
     assert [r.path for r in gateway.fake.received] == [f"/api/{endpoint}"]
+
+
+async def test_long_string_and_big_numbers_kept(gateway):
+    text = "x" * (1024 * 1024 - 200)
+    body = (
+        '{"text":"' + text + '","n":123456789012345678901234567890123456789,'
+        '"f":1e308,"g":-1.5e-300}'
+    ).encode()
+    response = await post_raw(
+        gateway,
+        "/api/notes/show",
+        body,
+        {**gateway.bearer(), "Content-Type": "application/json"},
+    )
+    sent = gateway.fake.requests_to("notes/show")[0]
+
+    assert response.status == 200
+    assert sent.body == b'{"i":"' + STORED.encode() + b'",' + body[1:]
