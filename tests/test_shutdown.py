@@ -30,10 +30,15 @@ def slow_meta_handler(started: asyncio.Event):
 async def connection_refused(port: int) -> bool:
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
+        # A connection that reached the listening socket just as it closed
+        # is reset rather than refused; either way it was not accepted.
         return True
     writer.close()
-    await writer.wait_closed()
+    try:
+        await writer.wait_closed()
+    except ConnectionResetError:
+        pass
     return False
 
 
