@@ -100,7 +100,7 @@ async def test_unannounced_change_bounded_by_ttl(start_gateway):
         await client.aclose()
 
     delay = await wait_for_token(gateway, NEW, limit=3)
-    assert delay <= 0.5 + 0.3
+    assert delay <= 0.5 + 0.5  # the TTL plus room for a busy machine
 
 
 async def test_deleted_token_stops_injection(start_gateway):
