@@ -110,6 +110,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     pool = create_pool(settings.upstream)
     app[STORE_KEY] = store
     app[UPSTREAM_KEY] = pool
+
     probe = UpstreamProbe(pool.host, pool.port)
     app[UPSTREAM_PROBE_KEY] = probe
     app[ONBOARDING_KEY] = Onboarding(settings, store)
@@ -117,15 +118,18 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[PROXY_KEY] = ApiProxy(
         settings, app[POLICY_KEY], store, Relay(pool), create_limiter(settings, store)
     )
+
     streaming = StreamingProxy(settings, app[PROXY_KEY], store)
     app[STREAMING_KEY] = streaming
     streaming.start()
+
     policy_check: asyncio.Task[None] | None = None
     if settings.policy.check_upstream:
         policy_check = asyncio.create_task(
             check_policy_against_upstream(settings, app[POLICY_KEY]),
             name="policy-check",
         )
+
     try:
         yield
     finally:

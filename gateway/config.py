@@ -109,7 +109,7 @@ class StoreSettings:
     # message arrives; 0 reads Redis on every request.
     cache_ttl: float = 5.0
     # Redis: seconds past cache_ttl a cached token is still used while Redis
-    # is unreachable; 0 answers 503 as soon as the entry expires.
+    # is unreachable; 0 returns 503 as soon as the entry expires.
     stale_limit: float = 60.0
 
 
@@ -144,7 +144,7 @@ class JwtSettings:
     jwks_url: str = ""
     # Seconds the key set is used before it is fetched again.
     jwks_cache_seconds: float = 300.0
-    # Least seconds between fetches caused by a JWT with an unknown key id.
+    # Minimum seconds between fetches caused by a JWT with an unknown key id.
     jwks_refetch_interval: float = 30.0
 
 

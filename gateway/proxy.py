@@ -177,7 +177,7 @@ class ApiProxy:
         return {}
 
     def preflight(self, request: web.Request) -> web.Response:
-        """Answer a CORS preflight without a credential or a store lookup."""
+        """Respond to a CORS preflight without a credential or a store lookup."""
         headers = self.cors_headers(request)
         if headers:
             requested = request.headers.get("Access-Control-Request-Headers", "")
@@ -337,7 +337,7 @@ class ApiProxy:
     ) -> str | bytes | None:
         """Decide whether to retry a request whose injected token Misskey rejected.
 
-        Returns the new token to retry with when the store now holds a
+        Returns the new token to retry with when the store now contains a
         different one. Otherwise returns the body read to inspect the error
         (to be relayed as is), or None when nothing was read.
         """
@@ -443,7 +443,7 @@ class ApiProxy:
         target = f"/api/{endpoint}?{query}" if query else f"/api/{endpoint}"
         upstream_started = time.perf_counter()
         # A streamed body cannot be sent twice, so a rejected token is relayed
-        # as Misskey answered it, without the retry JSON requests get.
+        # as Misskey returned it, without the retry JSON requests get.
         if self._token_in_header and token is not None:
             headers.append(("Authorization", f"Bearer {token}"))
             token = None
@@ -646,7 +646,7 @@ def _media_type(request: web.Request) -> str:
 
 
 def _is_authentication_failed(body: bytes) -> bool:
-    """Return whether a Misskey error body says the token was rejected."""
+    """Return whether a Misskey error body reports a rejected token."""
     try:
         document = json.loads(body)
     except ValueError:

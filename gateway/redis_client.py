@@ -22,7 +22,7 @@ from gateway.redis_url import RedisUrl, Topology, parse_redis_url
 
 RedisClient = redis.Redis | RedisCluster
 
-# What a failed Redis call raises. redis-py's cluster client raises
+# Exceptions that a failed Redis call raises. redis-py's cluster client raises
 # RedisClusterException, which is not a RedisError, when it reaches no node
 # or a slot has no node.
 REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException)

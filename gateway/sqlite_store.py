@@ -2,7 +2,7 @@
 
 The database runs in WAL mode, so the gateway keeps reading while another
 process (``misskey-gateway token set``) writes. Each process keeps the tokens
-in memory and asks SQLite at most every ``poll_interval`` seconds whether any
+in memory and checks with SQLite at most every ``poll_interval`` seconds whether any
 connection changed the file (``PRAGMA data_version``), so a token written by
 another process is used within that bound. SQLite calls run on one worker
 thread, never on the event loop.

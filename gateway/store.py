@@ -58,7 +58,7 @@ def validate_token(token: str) -> str:
 
 
 class TokenStore(Protocol):
-    """Where the gateway keeps Misskey tokens and its generated JWT secret.
+    """Storage for Misskey tokens and the gateway's generated JWT secret.
 
     Every method raises StoreUnavailable when the store cannot be reached.
     """
@@ -183,7 +183,7 @@ class RedisTokenStore:
             value = await self._client.get(self.token_key(principal))
         except ResponseError as error:
             if str(error).startswith("WRONGTYPE"):
-                # The key holds a hash, list or set, not a string.
+                # The key contains a hash, list or set, not a string.
                 raise StoredTokenInvalid() from error
             # NOPERM, CLUSTERDOWN, MASTERDOWN and the like.
             raise StoreUnavailable() from error
@@ -235,7 +235,7 @@ class RedisTokenStore:
             if isinstance(self._client, RedisCluster):
                 reply = await self._client.execute_command(command, key, *args)
                 # Any node passes a PUBLISH on to the whole cluster. The node
-                # that just took the write is the one most likely to answer;
+                # that just took the write is the one most likely to respond;
                 # redis-py would otherwise pick a random node.
                 node = self._client.get_node_from_key(key)
                 await self._client.publish(
@@ -300,7 +300,7 @@ class RedisTokenStore:
 
         The key expires with the JWT, so revocations clean up after
         themselves; the message on the rotation channel drops the replicas'
-        cached answers for this jti.
+        cached results for this jti.
         """
         await self._write_and_announce(
             "SET",

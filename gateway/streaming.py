@@ -17,7 +17,7 @@ more than one is used:
   credential never appears in the response.
 
 Everything is checked before the upgrade, so a rejected client gets an HTTP
-error in Misskey's envelope and the upstream never sees the attempt. The
+error in Misskey's envelope and the upstream never receives the attempt. The
 upstream connection carries the stored Misskey token in ``Authorization:
 Bearer``, never in the URL, and is opened before the client's upgrade is
 answered, so upstream failures are HTTP errors too.

@@ -169,7 +169,7 @@ class CachedTokenStore:
     async def is_jwt_id_revoked(self, jwt_id: str) -> bool:
         """Return whether a jti is revoked, cached like tokens.
 
-        The answer is cached under ``jti:<jti>``, a name no principal can have,
+        The result is cached under ``jti:<jti>``, a name no principal can have,
         and dropped by the ``jti:<jti>`` message that a revocation publishes.
         """
         name = JWT_ID_ENTRY + jwt_id

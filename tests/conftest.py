@@ -130,7 +130,7 @@ def no_secrets_in_logs() -> Iterator[None]:
     yield
     text = buffer.getvalue()
     leaked = sorted(secret for secret in SECRETS if secret and secret in text)
-    # Responses may carry JWTs back to whoever sent them, but never a stored
+    # Responses may carry JWTs back to the client that sent them, but never a stored
     # Misskey token or the signing secret.
     sent = "\n".join(RESPONSES)
     exposed = sorted(

@@ -88,7 +88,7 @@ async def test_mipac_through_gateway(gateway):
     timeline_requests = gateway.fake.requests_to("notes/local-timeline")
     assert {r.token for r in timeline_requests} == {STORED}
 
-    # MiPAC sends its i field after the file, so the gateway holds the file in
+    # MiPAC sends its i field after the file, so the gateway keeps the file in
     # a temporary file until it has read the credential.
     upload = step_value(results, "drive/files/create")
     uploads = gateway.fake.requests_to("drive/files/create")

@@ -40,7 +40,7 @@ async def call_i(gateway) -> str:
 
 
 async def wait_for_token(gateway, expected: str, limit: float) -> float:
-    """Call the gateway until the upstream sees ``expected``; return the delay."""
+    """Call the gateway until the upstream receives ``expected``; return the delay."""
     started_at = time.monotonic()
     while time.monotonic() - started_at < limit:
         if await call_i(gateway) == expected:
@@ -187,7 +187,7 @@ async def test_rejected_token_reread_and_retried(start_gateway):
     settings = gateway.settings
     client = redis.Redis.from_url(settings.store.url)
     try:
-        # Rotated by a tool that does not publish: the cache still holds OLD.
+        # Rotated by a tool that does not publish: the cache still contains OLD.
         await client.set(f"{settings.redis.prefix}token:alice", NEW)
     finally:
         await client.aclose()
