@@ -62,11 +62,14 @@ def prepare_database_file(path: Path) -> None:
     Existing files keep their permissions; the gateway only warns about them
     (see ``loose_permissions``).
     """
-    if not path.parent.exists():
-        path.parent.mkdir(parents=True, mode=0o700)
-    if not path.exists():
+    # Several processes may open a new database at once: whichever creates
+    # the folder or the file first wins, and the others use what it made.
+    path.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
+    try:
         descriptor = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
-        os.close(descriptor)
+    except FileExistsError:
+        return
+    os.close(descriptor)
 
 
 def loose_permissions(path: Path) -> bool:

@@ -9,6 +9,7 @@ import os
 import sqlite3
 import stat
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 from gateway.config import default_database_path, load_settings, sqlite_path
 from gateway.errors import StoredTokenInvalid, StoreUnavailable
 from gateway.logs import configure_logging
-from gateway.sqlite_store import SqliteTokenStore
+from gateway.sqlite_store import SqliteTokenStore, prepare_database_file
 from gateway.store import describe_store, open_store
 
 CLI = [sys.executable, "-m", "gateway"]
@@ -102,6 +103,35 @@ async def test_file_and_folder_owner_only(store):
 
     assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
     assert stat.S_IMODE(store.path.parent.stat().st_mode) == 0o700
+
+
+def test_database_file_created_by_racing_threads(tmp_path):
+    """Every opener that loses the race to create the file or folder uses it."""
+    attempts = 40
+    openers = 8
+    failures: list[BaseException] = []
+
+    def open_all(barriers: list[threading.Barrier]) -> None:
+        for number, barrier in enumerate(barriers):
+            barrier.wait()
+            try:
+                prepare_database_file(tmp_path / f"run{number}" / "tokens.db")
+            except BaseException as error:  # noqa: BLE001 - collected for the assert
+                failures.append(error)
+
+    barriers = [threading.Barrier(openers) for _ in range(attempts)]
+    threads = [
+        threading.Thread(target=open_all, args=(barriers,)) for _ in range(openers)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert failures == []
+    for number in range(attempts):
+        path = tmp_path / f"run{number}" / "tokens.db"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 async def test_wal_mode_enabled(store):
