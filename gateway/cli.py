@@ -38,6 +38,7 @@ from gateway.onboarding import CALLBACK_PATH
 from gateway.policy import API_PREFIX, load_policy_table
 from gateway.policy_rules import render_table
 from gateway.policy_sync import compare, fetch_openapi, rows_from_openapi
+from gateway.server import run_app
 from gateway.store import (
     TokenStore,
     describe_store,
@@ -369,23 +370,9 @@ def _run_worker(settings: Settings, reuse_port: bool) -> None:
     loop = new_event_loop()
     _handle_stop_signals(loop)
     try:
-        web.run_app(
-            app,
-            loop=loop,
-            host=settings.server.host,
-            port=settings.server.port,
-            reuse_port=reuse_port,
-            access_log=None,
-            print=None,
-            handle_signals=False,
-            # Seconds in-flight requests get after SIGTERM; the listening
-            # socket is closed first, so new connections are refused.
-            shutdown_timeout=settings.server.shutdown_grace,
-            # aiohttp closes a connection that has not sent a whole request
-            # this long after it opened or after its last response, so this
-            # also bounds clients that send their headers slowly.
-            keepalive_timeout=settings.server.keepalive_timeout,
-        )
+        # The listening socket is closed first on a stop, so new connections
+        # are refused while in-flight requests get server.shutdown_grace.
+        run_app(app, settings, loop, reuse_port)
     except OSError as error:
         where = f"{settings.server.host}:{settings.server.port}"
         logger.error("gateway.listen_failed", address=where, error=str(error))

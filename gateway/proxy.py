@@ -10,11 +10,13 @@ import json
 import os
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
+from multidict import MultiMapping
 
 from gateway.apikeys import API_KEY_PATTERN, digest_key, looks_like_api_key, matches
 from gateway.config import Settings
@@ -87,13 +89,95 @@ class RequestLog:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+class ClientRequest(Protocol):
+    """The parts of a client request that the request path reads.
+
+    aiohttp's ``web.Request`` has them, and so does the lean server's
+    ``gateway.server.FastRequest``.
+    """
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def raw_path(self) -> str: ...
+
+    @property
+    def headers(self) -> MultiMapping[str]: ...
+
+    @property
+    def remote(self) -> str | None: ...
+
+    @property
+    def scheme(self) -> str: ...
+
+    @property
+    def content_length(self) -> int | None: ...
+
+    @property
+    def content_type(self) -> str: ...
+
+    async def read(self) -> bytes: ...
+
+
+class Responder(Protocol):
+    """Where the request path sends its response, whichever server runs it."""
+
+    @property
+    def status(self) -> int | None:
+        """The status sent or about to be sent, or None before a response."""
+
+    async def relay(
+        self,
+        upstream: UpstreamResponse,
+        extra_headers: Mapping[str, str],
+        prefetched: bytes | None = None,
+    ) -> None:
+        """Relay an upstream response; ``prefetched`` is its body if already read."""
+
+    def error(
+        self, error: GatewayError, request_id: str, extra_headers: Mapping[str, str]
+    ) -> None:
+        """Respond with the gateway's own error envelope for ``error``."""
+
+
+class WebResponder:
+    """Responder that builds the aiohttp response for aiohttp's server."""
+
+    def __init__(self, request: web.Request, relay: Relay):
+        self.response: web.StreamResponse | None = None
+        self._request = request
+        self._relay = relay
+
+    @property
+    def status(self) -> int | None:
+        return self.response.status if self.response is not None else None
+
+    async def relay(
+        self,
+        upstream: UpstreamResponse,
+        extra_headers: Mapping[str, str],
+        prefetched: bytes | None = None,
+    ) -> None:
+        self.response = await self._relay.respond(
+            self._request, upstream, extra_headers, prefetched
+        )
+
+    def error(
+        self, error: GatewayError, request_id: str, extra_headers: Mapping[str, str]
+    ) -> None:
+        response = error_response(error, request_id)
+        response.headers.update(extra_headers)
+        self.response = response
+
+
 # Generated request ids: a random prefix per process and a counter, unique
 # across processes without a system call per request.
 _REQUEST_ID_PREFIX = os.urandom(8).hex()
 _request_counter = itertools.count(1)
 
 
-def new_request_id(request: web.Request) -> str:
+def new_request_id(request: ClientRequest) -> str:
     candidate = request.headers.get(REQUEST_ID_HEADER, "")
     if REQUEST_ID_PATTERN.fullmatch(candidate):
         return candidate
@@ -143,7 +227,7 @@ class ApiProxy:
         transport = settings.upstream.token_transport
         self._token_in_header = transport == "header"  # noqa: S105 - a mode name
 
-    def forwarded_for(self, request: web.Request) -> str:
+    def forwarded_for(self, request: ClientRequest) -> str:
         """Return the X-Forwarded-For value to send upstream.
 
         A client's own X-Forwarded-For is kept, with the peer appended, only
@@ -165,7 +249,7 @@ class ApiProxy:
         )
         return f"{chain}, {peer}" if chain else peer
 
-    def cors_headers(self, request: web.Request) -> dict[str, str]:
+    def cors_headers(self, request: ClientRequest) -> dict[str, str]:
         """Return the CORS headers for a response to ``request``, if any."""
         origin = request.headers.get("Origin")
         if origin is None or not self._cors_origins:
@@ -195,18 +279,29 @@ class ApiProxy:
         return web.Response(status=204, headers=headers)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Handle one /api/ request that aiohttp's server received."""
         if request.method == "OPTIONS":
             return self.preflight(request)
+        responder = WebResponder(request, self._relay)
+        await self.serve(request, responder)
+        if responder.response is None:
+            raise RuntimeError("the request path ended without a response")
+        return responder.response
+
+    async def serve(self, request: ClientRequest, responder: Responder) -> None:
+        """Run the request path for ``request`` and respond through ``responder``.
+
+        Both servers call this: aiohttp's, and the lean server in
+        ``gateway.server`` that handles plain JSON requests itself.
+        """
         log = RequestLog(request_id=new_request_id(request), method=request.method)
-        response: web.StreamResponse | None = None
         try:
-            response = await self._handle(request, log)
+            await self._handle(request, responder, log)
         except GatewayError as error:
             log.fields["error"] = error.code
             if isinstance(error, StoreUnavailable):
                 STORE_ERRORS.inc()
-            response = error_response(error, log.request_id)
-            response.headers.update(self.cors_headers(request))
+            responder.error(error, log.request_id, self.cors_headers(request))
         except UpstreamBodyFailed as error:
             log.fields["error"] = "UPSTREAM_BODY_FAILED"
             log.fields["detail"] = str(error)
@@ -217,34 +312,31 @@ class ApiProxy:
         except Exception:
             logger.exception("request.failed", request_id=log.request_id)
             log.fields["error"] = "INTERNAL_ERROR"
-            response = error_response(GatewayError(), log.request_id)
+            responder.error(GatewayError(), log.request_id, {})
         finally:
-            self._log_request(log, response)
+            self._log_request(log, responder.status)
             self._metrics.record(
                 log.fields.get("endpoint"),
                 log.fields.get("mode"),
-                response.status if response is not None else None,
+                responder.status,
                 log.timings.get("upstream_ms"),
             )
-        return response
 
-    def _log_request(
-        self, log: RequestLog, response: web.StreamResponse | None
-    ) -> None:
+    def _log_request(self, log: RequestLog, status: int | None) -> None:
         duration_ms = (time.perf_counter() - log.started) * 1000
         logger.info(
             "request",
             request_id=log.request_id,
             method=log.method,
-            status=response.status if response is not None else None,
+            status=status,
             duration_ms=round(duration_ms, 3),
             **log.fields,
             **{name: round(value, 3) for name, value in log.timings.items()},
         )
 
     async def _handle(
-        self, request: web.Request, log: RequestLog
-    ) -> web.StreamResponse:
+        self, request: ClientRequest, responder: Responder, log: RequestLog
+    ) -> None:
         raw_path, _, raw_query = request.raw_path.partition("?")
         endpoint = endpoint_from_path(raw_path)
         log.fields["endpoint"] = endpoint
@@ -272,9 +364,19 @@ class ApiProxy:
         header_credential = self._header_credential(request)
         body: JsonBody | None = None
         if method == "POST" and _media_type(request) == "multipart/form-data":
-            return await self._handle_upload(
-                request, endpoint, policy, header_credential, query.query, log
+            if not isinstance(request, web.Request):
+                # The lean server passes uploads on to aiohttp's server.
+                raise TypeError("multipart uploads need aiohttp's request object")
+            await self._handle_upload(
+                request,
+                responder,
+                endpoint,
+                policy,
+                header_credential,
+                query.query,
+                log,
             )
+            return
         if method == "POST":
             body = parse_json_body(await self._read_body(request))
             credential = self._pick_credential(
@@ -322,11 +424,8 @@ class ApiProxy:
             else:
                 prefetched = retry
         log.fields["upstream_status"] = upstream.status
-        response = await self._relay.respond(
-            request, upstream, extra_headers, prefetched
-        )
+        await responder.relay(upstream, extra_headers, prefetched)
         log.timings["upstream_ms"] = (time.perf_counter() - upstream_started) * 1000
-        return response
 
     async def _token_rejected(
         self,
@@ -382,12 +481,13 @@ class ApiProxy:
     async def _handle_upload(
         self,
         request: web.Request,
+        responder: Responder,
         endpoint: str,
         policy: EndpointPolicy,
         header_credential: str | None,
         query: str,
         log: RequestLog,
-    ) -> web.StreamResponse:
+    ) -> None:
         """Stream a multipart upload upstream, with ``i`` parts rewritten."""
         if endpoint not in MULTIPART_ENDPOINTS:
             raise UnsupportedMediaType(
@@ -408,8 +508,15 @@ class ApiProxy:
             idle_timeout=self._settings.server.client_body_timeout,
         )
         try:
-            return await self._relay_upload(
-                request, endpoint, policy, header_credential, query, log, rewriter
+            await self._relay_upload(
+                request,
+                responder,
+                endpoint,
+                policy,
+                header_credential,
+                query,
+                log,
+                rewriter,
             )
         finally:
             rewriter.close()
@@ -417,13 +524,14 @@ class ApiProxy:
     async def _relay_upload(
         self,
         request: web.Request,
+        responder: Responder,
         endpoint: str,
         policy: EndpointPolicy,
         header_credential: str | None,
         query: str,
         log: RequestLog,
         rewriter: MultipartRewriter,
-    ) -> web.StreamResponse:
+    ) -> None:
         spool_limit = 0
         if header_credential is None:
             spool_limit = self._settings.server.max_spooled_upload_size
@@ -451,16 +559,13 @@ class ApiProxy:
             "POST", target, headers, rewriter.stream(token), log.timings
         )
         log.fields["upstream_status"] = upstream.status
-        response = await self._relay.respond(
-            request, upstream, {REQUEST_ID_HEADER: log.request_id}
-        )
+        await responder.relay(upstream, {REQUEST_ID_HEADER: log.request_id})
         log.timings["upstream_ms"] = (time.perf_counter() - upstream_started) * 1000
-        return response
 
     # Public entry points for the /streaming route (gateway.streaming), which
     # identifies and limits clients exactly like the API path.
 
-    def header_credential(self, request: web.Request) -> str | None:
+    def header_credential(self, request: ClientRequest) -> str | None:
         """Return the Bearer credential, or None; raise when the header is invalid."""
         return self._header_credential(request)
 
@@ -481,13 +586,13 @@ class ApiProxy:
                 raise RateLimitExceeded(decision.limit, decision.retry_after)
 
     @staticmethod
-    def _reject_compressed(request: web.Request) -> None:
+    def _reject_compressed(request: ClientRequest) -> None:
         if request.headers.get("Content-Encoding", "identity").lower() != "identity":
             # A compressed body cannot be checked or rewritten without
             # inflating it, which the gateway does not do.
             raise UnsupportedMediaType("Compressed request bodies are not supported.")
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def _read_body(self, request: ClientRequest) -> bytes:
         media_type = _media_type(request)
         if media_type not in JSON_MEDIA_TYPES and not media_type.endswith("+json"):
             raise UnsupportedMediaType(
@@ -516,7 +621,7 @@ class ApiProxy:
             ) from None
 
     @staticmethod
-    def _header_credential(request: web.Request) -> str | None:
+    def _header_credential(request: ClientRequest) -> str | None:
         values = request.headers.getall("Authorization", [])
         if not values:
             return None
@@ -638,7 +743,7 @@ class ApiProxy:
         return token
 
 
-def _media_type(request: web.Request) -> str:
+def _media_type(request: ClientRequest) -> str:
     """Return the request's media type, or "" when it sent no Content-Type."""
     if "Content-Type" not in request.headers:
         return ""

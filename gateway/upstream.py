@@ -6,7 +6,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, MultiMapping
 
 from gateway.config import UpstreamSettings
 from gateway.upstream_pool import BodyReadError, UpstreamPool, UpstreamResponse
@@ -70,7 +70,7 @@ def _connection_tokens(values: Iterable[str]) -> set[str]:
     return names
 
 
-def forward_request_headers(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+def forward_request_headers(headers: MultiMapping[str]) -> list[tuple[str, str]]:
     """Return the client's headers without credentials and hop-by-hop fields."""
     dropped = DROPPED_REQUEST_HEADERS | _connection_tokens(
         headers.getall("Connection", [])

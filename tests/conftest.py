@@ -18,10 +18,11 @@ import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.app import STORE_KEY, create_app
+from gateway.app import SETTINGS_KEY, STORE_KEY, create_app
 from gateway.config import Settings, load_settings
 from gateway.credentials import issue_jwt
 from gateway.logs import configure_logging
+from gateway.server import FrontProtocol, FrontServer, GatewayRunner
 from gateway.store import TokenStore
 from tests.fake_misskey import FakeMisskey
 
@@ -154,6 +155,30 @@ async def record_response(request: web.Request, response: web.StreamResponse) ->
     RESPONSES.append(str(dict(response.headers)) + "\n" + text)
 
 
+class RecordingProtocol(FrontProtocol):
+    """The lean server's connection, recording every byte it sends."""
+
+    def write(self, data: bytes) -> None:
+        RESPONSES.append(data.decode("utf-8", "replace"))
+        super().write(data)
+
+
+class RecordingFrontServer(FrontServer):
+    protocol_class = RecordingProtocol
+
+
+class RecordingRunner(GatewayRunner):
+    front_class = RecordingFrontServer
+
+
+class GatewayTestServer(TestServer):
+    """aiohttp's test server running the gateway's own server stack."""
+
+    async def _make_runner(self, **kwargs: Any) -> GatewayRunner:
+        assert isinstance(self.app, web.Application)
+        return RecordingRunner(self.app, self.app[SETTINGS_KEY], **kwargs)
+
+
 @pytest.fixture
 def log_output() -> Iterator[io.StringIO]:
     """The gateway's rendered JSON log lines, captured for the test."""
@@ -270,7 +295,8 @@ async def start_gateway(
         settings = make_settings(upstream_url, **overrides)
         app = create_app(settings)
         app.on_response_prepare.append(record_response)
-        client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
+        server = GatewayTestServer(app, host="127.0.0.1")
+        client: TestClient[Any, Any] = TestClient(server)
         await client.start_server()
         clients.append(client)
         return Gateway(client=client, fake=fake_misskey, settings=settings)

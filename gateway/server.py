@@ -1,0 +1,674 @@
+"""The gateway's HTTP server: a lean HTTP/1.1 path for JSON calls, aiohttp for the rest.
+
+aiohttp's server spends more CPU time per request than the gateway's whole
+request path. Most traffic is one kind of request, ``POST /api/<endpoint>``
+with a small JSON body, so each connection starts on ``FrontProtocol``, which
+parses request heads with httptools (llhttp) and serves such plain requests
+through ``ApiProxy.serve``, the same request path aiohttp's handler runs.
+
+The first request that is not plain (another method or path, an upload, a
+WebSocket upgrade, a chunked or compressed body, anything unusual) hands the
+connection over to aiohttp's own protocol, together with every byte not yet
+served, and aiohttp serves that request and the rest of the connection. So
+the lean path only ever sees requests whose every detail it handles the same
+way aiohttp does, and everything else keeps aiohttp's behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+from collections.abc import Mapping
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any, cast
+
+import httptools
+import structlog
+from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
+from multidict import CIMultiDict
+
+from gateway.app import PROXY_KEY
+from gateway.config import Settings
+from gateway.errors import GatewayError, RequestTimeout
+from gateway.proxy import JSON_MEDIA_TYPES, REQUEST_ID_HEADER, ApiProxy
+from gateway.upstream import (
+    ClientDisconnected,
+    UpstreamBodyFailed,
+    forward_response_headers,
+)
+from gateway.upstream_pool import BodyReadError, UpstreamResponse
+
+logger = structlog.get_logger("gateway.server")
+
+# A plain request target: /api/ and an endpoint name without dot segments,
+# percent-escapes, empty segments or a trailing slash, then an optional query
+# of visible ASCII without "#". The path is then the same whether read raw or
+# normalised, as aiohttp's router reads it.
+PLAIN_TARGET = re.compile(rb"/api/[A-Za-z0-9_-]+(?:/[A-Za-z0-9_-]+)*(?:\?[!-\"$-~]*)?")
+# A media type without parameters, as in "application/json".
+MEDIA_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+")
+# Request header fields that make a request not plain: their handling is
+# aiohttp's (100-continue, upgrades, chunked and compressed bodies).
+NOT_PLAIN_FIELDS = frozenset(
+    {b"transfer-encoding", b"expect", b"upgrade", b"content-encoding"}
+)
+# A head longer than this goes to aiohttp, which applies its own limits
+# (8190 bytes per line by default).
+MAX_PLAIN_HEAD = 8190
+# Bytes buffered from a client while a request is in progress before the
+# server stops reading from it.
+MAX_BUFFERED = 256 * 1024
+# Statuses whose responses have no body (RFC 9110 sections 6.4.1 and 15.3.5).
+NO_BODY_STATUSES = frozenset({204, 304})
+
+
+class FastRequest:
+    """A plain client request, with the parts ``ApiProxy.serve`` reads."""
+
+    __slots__ = (
+        "raw_path",
+        "headers",
+        "remote",
+        "content_length",
+        "content_type",
+        "keep_alive",
+        "_body",
+        "_body_arrived",
+    )
+
+    method = "POST"
+    scheme = "http"
+
+    def __init__(
+        self,
+        raw_path: str,
+        headers: CIMultiDict[str],
+        remote: str | None,
+        content_length: int,
+        content_type: str,
+        keep_alive: bool,
+    ):
+        self.raw_path = raw_path
+        self.headers = headers
+        self.remote = remote
+        self.content_length = content_length
+        self.content_type = content_type
+        self.keep_alive = keep_alive
+        self._body: bytes | None = None
+        self._body_arrived: asyncio.Future[None] | None = None
+
+    @property
+    def body_complete(self) -> bool:
+        return self._body is not None
+
+    def set_body(self, body: bytes) -> None:
+        self._body = body
+        if self._body_arrived is not None and not self._body_arrived.done():
+            self._body_arrived.set_result(None)
+
+    async def read(self) -> bytes:
+        """Return the body, waiting for the rest of it if it has not arrived."""
+        if self._body is None:
+            if self._body_arrived is None:
+                self._body_arrived = asyncio.get_running_loop().create_future()
+            await self._body_arrived
+        assert self._body is not None  # noqa: S101 - set before the future
+        return self._body
+
+
+class FastResponder:
+    """Responder that writes HTTP/1.1 responses to a ``FrontProtocol``."""
+
+    __slots__ = ("status", "keep_alive", "_connection", "_started")
+
+    def __init__(self, connection: FrontProtocol, keep_alive: bool):
+        self.status: int | None = None
+        self.keep_alive = keep_alive
+        self._connection = connection
+        self._started = False
+
+    async def relay(
+        self,
+        upstream: UpstreamResponse,
+        extra_headers: Mapping[str, str],
+        prefetched: bytes | None = None,
+    ) -> None:
+        """Relay an upstream response, in one write when its body is here."""
+        try:
+            headers = forward_response_headers(upstream.headers)
+            headers.update(extra_headers)
+            status = upstream.status
+            body = prefetched if prefetched is not None else upstream.body_if_complete()
+            if body is not None:
+                self._write_head(status, upstream.reason, headers, len(body), body)
+            else:
+                await self._stream(upstream, status, headers)
+        finally:
+            upstream.release()
+
+    def error(
+        self, error: GatewayError, request_id: str, extra_headers: Mapping[str, str]
+    ) -> None:
+        """Respond with the error envelope, or cut the connection if too late."""
+        if self._started:
+            # The status line of another response is already out.
+            self._connection.abort()
+            return
+        body = json.dumps(error.envelope()).encode()
+        headers: CIMultiDict[str] = CIMultiDict(
+            {"Content-Type": "application/json; charset=utf-8"}
+        )
+        headers.update(error.headers())
+        headers[REQUEST_ID_HEADER] = request_id
+        headers.update(extra_headers)
+        if isinstance(error, RequestTimeout):
+            # The rest of the body may still trickle in; do not wait for it.
+            self.keep_alive = False
+        self._write_head(error.status, "", headers, len(body), body)
+
+    def _write_head(
+        self,
+        status: int,
+        reason: str,
+        headers: CIMultiDict[str],
+        length: int | None,
+        body: bytes = b"",
+    ) -> None:
+        """Write the status line and headers, and ``body`` with them."""
+        self.status = status
+        self._started = True
+        if self._connection.closing:
+            self.keep_alive = False
+        if status in NO_BODY_STATUSES or status < 200:
+            headers.popall("Content-Length", None)
+            headers.popall("Transfer-Encoding", None)
+            body = b""
+        elif length is None:
+            headers["Transfer-Encoding"] = "chunked"
+        else:
+            headers["Content-Length"] = str(length)
+            if length:
+                headers.setdefault("Content-Type", "application/octet-stream")
+        if "Date" not in headers:
+            headers["Date"] = http_date()
+        headers.setdefault("Server", SERVER_SOFTWARE)
+        if not self.keep_alive and "Connection" not in headers:
+            headers["Connection"] = "close"
+        if not reason:
+            reason = _reason(status)
+        lines = [f"HTTP/1.1 {status} {reason}"]
+        lines.extend(f"{name}: {value}" for name, value in headers.items())
+        lines.append("\r\n")
+        self._connection.write("\r\n".join(lines).encode("latin-1") + body)
+
+    async def _stream(
+        self, upstream: UpstreamResponse, status: int, headers: CIMultiDict[str]
+    ) -> None:
+        """Write the body as it arrives: with its length if known, else chunked."""
+        length = upstream.content_length
+        chunked = length is None and status not in NO_BODY_STATUSES and status >= 200
+        self._write_head(status, upstream.reason, headers, length)
+        connection = self._connection
+        try:
+            async for chunk in upstream.iter_body():
+                if not chunk:
+                    continue
+                if chunked:
+                    connection.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                else:
+                    connection.write(chunk)
+                await connection.drain()
+        except BodyReadError as error:
+            # The status line is already sent, so the only honest signal left
+            # is to cut the connection before the body is complete.
+            connection.abort()
+            raise UpstreamBodyFailed(str(error)) from error
+        if chunked:
+            connection.write(b"0\r\n\r\n")
+
+
+_date_second = 0
+_date_text = ""
+
+
+def http_date() -> str:
+    """Return the current time as an HTTP date, formatted once per second."""
+    global _date_second, _date_text  # noqa: PLW0603 - a one-entry cache
+    now = int(time.time())
+    if now != _date_second:
+        _date_second = now
+        _date_text = formatdate(now, usegmt=True)
+    return _date_text
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+class FrontProtocol(asyncio.Protocol):
+    """One client connection: plain requests served here, the rest by aiohttp."""
+
+    def __init__(self, front: FrontServer):
+        self._front = front
+        self._loop = front.loop
+        self._transport: asyncio.Transport | None = None
+        self._remote: str | None = None
+        self._buffer = bytearray()
+        self._request: FastRequest | None = None
+        self._body_end = 0
+        self._task: asyncio.Task[None] | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._reading_paused = False
+        self._write_paused = False
+        self._drained: asyncio.Future[None] | None = None
+        self._closing = False
+        self._closed = False
+        # Fields of the head being parsed.
+        self._url = b""
+        self._fields: list[tuple[bytes, bytes]] = []
+        self._keep_alive = False
+        self._parser: httptools.HttpRequestParser | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, (list, tuple)) and peer:
+            self._remote = str(peer[0])
+        self._front.connections.add(self)
+        self._start_idle_timer()
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if self._request is not None:
+            # A request is in progress: complete its body, keep the rest.
+            self._take_body()
+            if (
+                self._request.body_complete
+                and len(self._buffer) > MAX_BUFFERED
+                and not self._reading_paused
+            ):
+                # Pipelined requests pile up: read again once this one is done.
+                self._reading_paused = True
+                if self._transport is not None:
+                    self._transport.pause_reading()
+            return
+        self._next_request()
+
+    def eof_received(self) -> bool | None:
+        # Close once the current response, if any, is written.
+        self._closing = True
+        if self._request is None:
+            self.close()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._front.connections.discard(self)
+        self._cancel_idle_timer()
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_exception(ConnectionResetError("client disconnected"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    # Writing, for FastResponder
+
+    def write(self, data: bytes) -> None:
+        if self._closed or self._transport is None:
+            raise ClientDisconnected()
+        self._transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait until the client has taken enough of the written bytes."""
+        if self._closed:
+            raise ClientDisconnected()
+        if not self._write_paused:
+            return
+        self._drained = self._loop.create_future()
+        try:
+            await self._drained
+        except ConnectionResetError as error:
+            raise ClientDisconnected() from error
+        finally:
+            self._drained = None
+
+    def abort(self) -> None:
+        self._closed = True
+        if self._transport is not None:
+            self._transport.abort()
+
+    def close(self) -> None:
+        if not self._closed and self._transport is not None:
+            self._closed = True
+            self._transport.close()
+
+    @property
+    def busy(self) -> bool:
+        return self._request is not None
+
+    @property
+    def closing(self) -> bool:
+        """Whether the connection closes after the response in progress."""
+        return self._closing
+
+    def close_when_idle(self) -> None:
+        """Close now if no request is in progress, else after its response."""
+        self._closing = True
+        if self._request is None:
+            self.close()
+
+    # httptools callbacks, while a head is parsed
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        # Read here: once a message without a body is complete, llhttp has
+        # reset its flags for the next one.
+        if self._parser is not None:
+            self._keep_alive = self._parser.should_keep_alive()
+
+    # Reading requests
+
+    def _next_request(self) -> None:
+        """Start the next buffered request, or hand it to aiohttp if not plain."""
+        if self._closing or self._closed:
+            return
+        buffer = self._buffer
+        head_end = buffer.find(b"\r\n\r\n")
+        if head_end < 0:
+            if len(buffer) > MAX_PLAIN_HEAD:
+                self._hand_off()
+            return
+        head_end += 4
+        request = self._parse_head(bytes(buffer[:head_end]))
+        if request is None:
+            self._hand_off()
+            return
+        self._cancel_idle_timer()
+        self._request = request
+        self._body_end = head_end + request.content_length
+        self._take_body()
+        responder = FastResponder(self, request.keep_alive)
+        self._task = self._loop.create_task(self._serve(request, responder))
+
+    def _parse_head(self, head: bytes) -> FastRequest | None:
+        """Return the request a head starts, or None if it is not plain."""
+        if not head.isascii():
+            return None
+        self._url = b""
+        self._fields = []
+        self._keep_alive = False
+        parser = self._parser = httptools.HttpRequestParser(self)
+        try:
+            parser.feed_data(head)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            return None
+        finally:
+            self._parser = None
+        if parser.get_method() != b"POST" or parser.get_http_version() != "1.1":
+            return None
+        if PLAIN_TARGET.fullmatch(self._url) is None:
+            return None
+        content_length: int | None = None
+        media_type = ""
+        for name, value in self._fields:
+            lowered = name.lower()
+            if lowered in NOT_PLAIN_FIELDS:
+                return None
+            if lowered == b"content-length":
+                if content_length is not None or not value.isdigit():
+                    return None
+                content_length = int(value)
+            elif lowered == b"content-type":
+                if media_type:
+                    return None
+                media_type = value.split(b";", 1)[0].strip().lower().decode()
+                if MEDIA_TYPE.fullmatch(media_type) is None:
+                    return None
+        if content_length is None or content_length > self._front.max_body_size:
+            return None
+        if media_type not in JSON_MEDIA_TYPES and not media_type.endswith("+json"):
+            return None
+        headers: CIMultiDict[str] = CIMultiDict(
+            (name.decode(), value.decode()) for name, value in self._fields
+        )
+        return FastRequest(
+            self._url.decode(),
+            headers,
+            self._remote,
+            content_length,
+            media_type,
+            self._keep_alive,
+        )
+
+    def _take_body(self) -> None:
+        """Give the request its body once the buffer contains all of it."""
+        request = self._request
+        if request is None or request.body_complete:
+            return
+        end = self._body_end
+        if len(self._buffer) < end:
+            return
+        start = end - request.content_length
+        body = bytes(self._buffer[start:end])
+        del self._buffer[:end]
+        request.set_body(body)
+
+    async def _serve(self, request: FastRequest, responder: FastResponder) -> None:
+        proxy = self._front.proxy
+        try:
+            await proxy.serve(request, responder)
+        except (ClientDisconnected, UpstreamBodyFailed):
+            self.abort()
+        except Exception:
+            logger.exception("connection.failed")
+            self.abort()
+        self._request_done(request, responder)
+
+    def _request_done(self, request: FastRequest, responder: FastResponder) -> None:
+        self._request = None
+        self._task = None
+        if (
+            self._closed
+            or self._closing
+            or not responder.keep_alive
+            or not request.body_complete
+        ):
+            # A body that has not fully arrived cannot be skipped reliably.
+            self.close()
+            return
+        if self._reading_paused and self._transport is not None:
+            self._reading_paused = False
+            self._transport.resume_reading()
+        self._start_idle_timer()
+        if self._buffer:
+            self._next_request()
+
+    def _hand_off(self) -> None:
+        """Pass the connection and its unread bytes to aiohttp's protocol."""
+        transport = self._transport
+        if transport is None or self._closed:
+            return
+        self._cancel_idle_timer()
+        self._front.connections.discard(self)
+        self._closed = True
+        handler = self._front.aiohttp_protocol()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if self._reading_paused:
+            transport.resume_reading()
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        if data:
+            handler.data_received(data)
+
+    def _start_idle_timer(self) -> None:
+        self._cancel_idle_timer()
+        timeout = self._front.keepalive_timeout
+        if timeout > 0:
+            self._idle_timer = self._loop.call_later(timeout, self._idle_timeout)
+
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _idle_timeout(self) -> None:
+        # Like aiohttp: a connection that has not sent a whole request head
+        # this long after it opened or after its last response is closed.
+        self._idle_timer = None
+        if self._request is None:
+            self.close()
+
+
+class FrontServer:
+    """Protocol factory for the listening socket, wrapping aiohttp's ``Server``.
+
+    aiohttp's runner calls it to create each connection's protocol and calls
+    ``pre_shutdown`` and ``shutdown`` on it when the server stops; everything
+    else is passed through to aiohttp's server.
+    """
+
+    protocol_class: type[FrontProtocol] = FrontProtocol
+
+    def __init__(self, inner: web.Server, app: web.Application, settings: Settings):
+        self.loop = asyncio.get_running_loop()
+        self.connections: set[FrontProtocol] = set()
+        self.max_body_size: int = settings.server.max_body_size
+        self.keepalive_timeout: float = settings.server.keepalive_timeout
+        self._inner = inner
+        self._app = app
+        self._proxy: ApiProxy | None = None
+
+    @property
+    def proxy(self) -> ApiProxy:
+        # The application creates the proxy when it starts, after this object.
+        if self._proxy is None:
+            self._proxy = self._app[PROXY_KEY]
+        return self._proxy
+
+    def __call__(self) -> FrontProtocol:
+        return self.protocol_class(self)
+
+    def aiohttp_protocol(self) -> asyncio.Protocol:
+        """Create the aiohttp protocol that a connection is handed over to."""
+        return self._inner()
+
+    def pre_shutdown(self) -> None:
+        """Close idle connections; busy ones close after their response."""
+        for connection in list(self.connections):
+            connection.close_when_idle()
+        self._inner.pre_shutdown()
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - aiohttp's signature
+        """Wait up to ``timeout`` seconds for requests in progress, then cut them."""
+        await asyncio.gather(
+            self._wait_for_requests(timeout), self._inner.shutdown(timeout)
+        )
+
+    async def _wait_for_requests(self, grace: float | None) -> None:
+        deadline = None if grace is None else self.loop.time() + grace
+        while any(connection.busy for connection in self.connections):
+            if deadline is not None and self.loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        for connection in list(self.connections):
+            connection.abort()
+        self.connections.clear()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class GatewayRunner(web.AppRunner):
+    """aiohttp's application runner, with the lean server in front when enabled."""
+
+    front_class: type[FrontServer] = FrontServer
+
+    def __init__(self, app: web.Application, settings: Settings, **kwargs: Any):
+        super().__init__(app, **kwargs)
+        self._settings = settings
+
+    async def _make_server(self) -> web.Server:
+        inner = await super()._make_server()
+        if not self._settings.server.fast_path:
+            return inner
+        # The runner only calls the factory and the two shutdown methods.
+        return cast(web.Server, self.front_class(inner, self.app, self._settings))
+
+
+def run_app(
+    app: web.Application,
+    settings: Settings,
+    loop: asyncio.AbstractEventLoop,
+    reuse_port: bool,
+) -> None:
+    """Serve ``app`` on the configured address until a graceful stop.
+
+    A stop signal handler raises ``web.GracefulExit``; the listening socket is
+    then closed and in-flight requests get ``server.shutdown_grace`` seconds.
+    """
+    main = loop.create_task(_serve(app, settings, reuse_port))
+    try:
+        loop.run_until_complete(main)
+    except web.GracefulExit:
+        pass
+    finally:
+        if not main.done():
+            # Cancelling the serving task runs its cleanup: the graceful stop.
+            main.cancel()
+            with contextlib.suppress(asyncio.CancelledError, web.GracefulExit):
+                loop.run_until_complete(main)
+        _cancel_remaining_tasks(loop)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+async def _serve(app: web.Application, settings: Settings, reuse_port: bool) -> None:
+    runner = GatewayRunner(
+        app,
+        settings,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=settings.server.shutdown_grace,
+        keepalive_timeout=settings.server.keepalive_timeout,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(
+            runner,
+            settings.server.host,
+            settings.server.port,
+            reuse_port=reuse_port,
+        )
+        await site.start()
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+def _cancel_remaining_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
