@@ -98,27 +98,62 @@ class LineLogger:
             view = view[written:]
 
 
-def _timestamp_processor() -> Any:
-    """Return a processor adding an ISO 8601 UTC ``timestamp`` in milliseconds.
+class Timestamps:
+    """ISO 8601 UTC timestamps in milliseconds; the part up to the second is cached."""
 
-    The date and time up to the second are formatted once per second.
-    """
-    cached_second = -1
-    cached_prefix = ""
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
 
-    def add_timestamp(
-        logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
-    ) -> MutableMapping[str, Any]:
-        nonlocal cached_second, cached_prefix
+    def now(self) -> str:
         now = time.time()
         second = int(now)
-        if second != cached_second:
-            cached_second = second
-            cached_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        event_dict["timestamp"] = f"{cached_prefix}.{int((now - second) * 1000):03d}Z"
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int((now - second) * 1000):03d}Z"
+
+    def processor(
+        self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        """Add the ``timestamp`` field: a structlog processor."""
+        event_dict["timestamp"] = self.now()
         return event_dict
 
-    return add_timestamp
+
+class _JsonLines:
+    """The JSON line output that ``configure_logging`` set up, for ``log_info``."""
+
+    def __init__(self, line_logger: LineLogger, level: int, timestamps: Timestamps):
+        self.line_logger = line_logger
+        self.level = level
+        self.timestamps = timestamps
+
+
+_json_lines: _JsonLines | None = None
+
+
+def log_info(logger: Any, event: str, fields: dict[str, Any]) -> None:
+    """Log an info event, rendered without structlog's chain when output is JSON.
+
+    The line is the one the configured processors would write: the fields,
+    then ``event``, ``level`` and ``timestamp``, with secret fields redacted.
+    Context variables are not merged in; the gateway binds none.
+    It costs about a quarter as much, which matters once per request.
+    ``fields`` is changed in place.
+    """
+    output = _json_lines
+    if output is None:
+        logger.info(event, **fields)
+        return
+    if output.level > logging.INFO:
+        return
+    fields["event"] = event
+    fields["level"] = "info"
+    fields["timestamp"] = output.timestamps.now()
+    for name in fields.keys() & SECRET_FIELDS:
+        fields[name] = REDACTED
+    output.line_logger.msg(orjson.dumps(fields, default=str))
 
 
 def configure_logging(
@@ -132,8 +167,11 @@ def configure_logging(
     ``cache=False`` lets a later call take effect on loggers already in use,
     which tests rely on.
     """
+    global _json_lines  # noqa: PLW0603 - the one logging set-up of the process
     line_logger = LineLogger(stream or sys.stdout)
     atexit.register(line_logger.flush)
+    timestamps = Timestamps()
+    level_number = logging.getLevelNamesMapping()[level.upper()]
     renderer: Any
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(
@@ -144,18 +182,19 @@ def configure_logging(
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        _timestamp_processor(),
+        timestamps.processor,
         redact_secrets,
     ]
     if fmt != "console":
         # Plain text tracebacks: no local variables, which could hold a token.
         processors.append(structlog.processors.format_exc_info)
     processors.append(renderer)
+    _json_lines = None
+    if fmt != "console":
+        _json_lines = _JsonLines(line_logger, level_number, timestamps)
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(level_number),
         logger_factory=lambda *args: line_logger,
         cache_logger_on_first_use=cache,
     )

@@ -42,6 +42,7 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.jwks import JwksKeySet
+from gateway.logs import log_info
 from gateway.metrics import STORE_ERRORS, RequestMetrics
 from gateway.multipart import MultipartRewriter, parse_boundary
 from gateway.policy import EndpointPolicy, Mode, PolicyTable, endpoint_from_path
@@ -121,7 +122,7 @@ class ClientRequest(Protocol):
 
 
 class Responder(Protocol):
-    """Where the request path sends its response, whichever server runs it."""
+    """The receiver of the request path's response, for either server."""
 
     @property
     def status(self) -> int | None:
@@ -324,15 +325,16 @@ class ApiProxy:
 
     def _log_request(self, log: RequestLog, status: int | None) -> None:
         duration_ms = (time.perf_counter() - log.started) * 1000
-        logger.info(
-            "request",
-            request_id=log.request_id,
-            method=log.method,
-            status=status,
-            duration_ms=round(duration_ms, 3),
-            **log.fields,
-            **{name: round(value, 3) for name, value in log.timings.items()},
-        )
+        fields: dict[str, Any] = {
+            "request_id": log.request_id,
+            "method": log.method,
+            "status": status,
+            "duration_ms": round(duration_ms, 3),
+        }
+        fields.update(log.fields)
+        for name, value in log.timings.items():
+            fields[name] = round(value, 3)
+        log_info(logger, "request", fields)
 
     async def _handle(
         self, request: ClientRequest, responder: Responder, log: RequestLog
@@ -606,6 +608,9 @@ class ApiProxy:
                 f"The request body is larger than {limit} bytes.", {"limit": limit}
             )
         try:
+            if not isinstance(request, web.Request):
+                # The lean server applies server.client_body_timeout itself.
+                return await request.read()
             # The application's client_max_size is the same limit, so a
             # chunked body is refused as soon as it grows past it.
             async with asyncio.timeout(self._settings.server.client_body_timeout):

@@ -6,12 +6,12 @@ with a small JSON body, so each connection starts on ``FrontProtocol``, which
 parses request heads with httptools (llhttp) and serves such plain requests
 through ``ApiProxy.serve``, the same request path aiohttp's handler runs.
 
-The first request that is not plain (another method or path, an upload, a
-WebSocket upgrade, a chunked or compressed body, anything unusual) hands the
-connection over to aiohttp's own protocol, together with every byte not yet
-served, and aiohttp serves that request and the rest of the connection. So
-the lean path only ever sees requests whose every detail it handles the same
-way aiohttp does, and everything else keeps aiohttp's behaviour.
+A request that is not plain is another method or path, an upload, a
+WebSocket upgrade, a chunked or compressed body, or anything unusual. The
+first such request hands the connection over to aiohttp's own protocol,
+together with every byte not yet served. aiohttp then serves that request and
+the rest of the connection, so everything but plain requests keeps aiohttp's
+behaviour.
 """
 
 from __future__ import annotations
@@ -36,11 +36,7 @@ from gateway.app import PROXY_KEY
 from gateway.config import Settings
 from gateway.errors import GatewayError, RequestTimeout
 from gateway.proxy import JSON_MEDIA_TYPES, REQUEST_ID_HEADER, ApiProxy
-from gateway.upstream import (
-    ClientDisconnected,
-    UpstreamBodyFailed,
-    forward_response_headers,
-)
+from gateway.upstream import ClientDisconnected, UpstreamBodyFailed, response_fields
 from gateway.upstream_pool import BodyReadError, UpstreamResponse
 
 logger = structlog.get_logger("gateway.server")
@@ -65,6 +61,8 @@ MAX_PLAIN_HEAD = 8190
 MAX_BUFFERED = 256 * 1024
 # Statuses whose responses have no body (RFC 9110 sections 6.4.1 and 15.3.5).
 NO_BODY_STATUSES = frozenset({204, 304})
+# Fields the server writes itself from the body it sends.
+FRAMING_FIELDS = frozenset({"content-length", "transfer-encoding"})
 
 
 class FastRequest:
@@ -77,6 +75,7 @@ class FastRequest:
         "content_length",
         "content_type",
         "keep_alive",
+        "body_timeout",
         "_body",
         "_body_arrived",
     )
@@ -92,6 +91,7 @@ class FastRequest:
         content_length: int,
         content_type: str,
         keep_alive: bool,
+        body_timeout: float,
     ):
         self.raw_path = raw_path
         self.headers = headers
@@ -99,6 +99,7 @@ class FastRequest:
         self.content_length = content_length
         self.content_type = content_type
         self.keep_alive = keep_alive
+        self.body_timeout = body_timeout
         self._body: bytes | None = None
         self._body_arrived: asyncio.Future[None] | None = None
 
@@ -112,12 +113,17 @@ class FastRequest:
             self._body_arrived.set_result(None)
 
     async def read(self) -> bytes:
-        """Return the body, waiting for the rest of it if it has not arrived."""
+        """Return the body, waiting up to ``body_timeout`` for the rest of it.
+
+        Raises TimeoutError when the body does not arrive in time.
+        """
         if self._body is None:
             if self._body_arrived is None:
                 self._body_arrived = asyncio.get_running_loop().create_future()
-            await self._body_arrived
-        assert self._body is not None  # noqa: S101 - set before the future
+            async with asyncio.timeout(self.body_timeout):
+                await self._body_arrived
+        if self._body is None:
+            raise RuntimeError("the body future finished without a body")
         return self._body
 
 
@@ -140,14 +146,13 @@ class FastResponder:
     ) -> None:
         """Relay an upstream response, in one write when its body is here."""
         try:
-            headers = forward_response_headers(upstream.headers)
-            headers.update(extra_headers)
+            fields = _merge(response_fields(upstream.headers), extra_headers)
             status = upstream.status
             body = prefetched if prefetched is not None else upstream.body_if_complete()
             if body is not None:
-                self._write_head(status, upstream.reason, headers, len(body), body)
+                self._write_head(status, upstream.reason, fields, len(body), body)
             else:
-                await self._stream(upstream, status, headers)
+                await self._stream(upstream, status, fields)
         finally:
             upstream.release()
 
@@ -160,59 +165,63 @@ class FastResponder:
             self._connection.abort()
             return
         body = json.dumps(error.envelope()).encode()
-        headers: CIMultiDict[str] = CIMultiDict(
-            {"Content-Type": "application/json; charset=utf-8"}
-        )
-        headers.update(error.headers())
-        headers[REQUEST_ID_HEADER] = request_id
-        headers.update(extra_headers)
+        fields = [("Content-Type", "application/json; charset=utf-8")]
+        fields = _merge(fields, error.headers())
+        fields = _merge(fields, {REQUEST_ID_HEADER: request_id})
+        fields = _merge(fields, extra_headers)
         if isinstance(error, RequestTimeout):
             # The rest of the body may still trickle in; do not wait for it.
             self.keep_alive = False
-        self._write_head(error.status, "", headers, len(body), body)
+        self._write_head(error.status, "", fields, len(body), body)
 
     def _write_head(
         self,
         status: int,
         reason: str,
-        headers: CIMultiDict[str],
+        fields: list[tuple[str, str]],
         length: int | None,
         body: bytes = b"",
     ) -> None:
-        """Write the status line and headers, and ``body`` with them."""
+        """Write the status line and header fields, and ``body`` with them.
+
+        The framing and default fields follow aiohttp's responses.
+        """
         self.status = status
         self._started = True
         if self._connection.closing:
             self.keep_alive = False
+        lines = [f"HTTP/1.1 {status} {reason or _reason(status)}"]
+        present = set()
+        for name, value in fields:
+            lowered = name.lower()
+            if lowered in FRAMING_FIELDS:
+                continue
+            present.add(lowered)
+            lines.append(f"{name}: {value}")
         if status in NO_BODY_STATUSES or status < 200:
-            headers.popall("Content-Length", None)
-            headers.popall("Transfer-Encoding", None)
             body = b""
         elif length is None:
-            headers["Transfer-Encoding"] = "chunked"
+            lines.append("Transfer-Encoding: chunked")
         else:
-            headers["Content-Length"] = str(length)
-            if length:
-                headers.setdefault("Content-Type", "application/octet-stream")
-        if "Date" not in headers:
-            headers["Date"] = http_date()
-        headers.setdefault("Server", SERVER_SOFTWARE)
-        if not self.keep_alive and "Connection" not in headers:
-            headers["Connection"] = "close"
-        if not reason:
-            reason = _reason(status)
-        lines = [f"HTTP/1.1 {status} {reason}"]
-        lines.extend(f"{name}: {value}" for name, value in headers.items())
+            lines.append(f"Content-Length: {length}")
+            if length and "content-type" not in present:
+                lines.append("Content-Type: application/octet-stream")
+        if "date" not in present:
+            lines.append(f"Date: {http_date()}")
+        if "server" not in present:
+            lines.append(f"Server: {SERVER_SOFTWARE}")
+        if not self.keep_alive and "connection" not in present:
+            lines.append("Connection: close")
         lines.append("\r\n")
         self._connection.write("\r\n".join(lines).encode("latin-1") + body)
 
     async def _stream(
-        self, upstream: UpstreamResponse, status: int, headers: CIMultiDict[str]
+        self, upstream: UpstreamResponse, status: int, fields: list[tuple[str, str]]
     ) -> None:
         """Write the body as it arrives: with its length if known, else chunked."""
         length = upstream.content_length
         chunked = length is None and status not in NO_BODY_STATUSES and status >= 200
-        self._write_head(status, upstream.reason, headers, length)
+        self._write_head(status, upstream.reason, fields, length)
         connection = self._connection
         try:
             async for chunk in upstream.iter_body():
@@ -230,6 +239,18 @@ class FastResponder:
             raise UpstreamBodyFailed(str(error)) from error
         if chunked:
             connection.write(b"0\r\n\r\n")
+
+
+def _merge(
+    fields: list[tuple[str, str]], extra: Mapping[str, str]
+) -> list[tuple[str, str]]:
+    """Return ``fields`` with ``extra`` replacing the fields of the same names."""
+    if not extra:
+        return fields
+    names = {name.lower() for name in extra}
+    merged = [(name, value) for name, value in fields if name.lower() not in names]
+    merged.extend(extra.items())
+    return merged
 
 
 _date_second = 0
@@ -428,6 +449,7 @@ class FrontProtocol(asyncio.Protocol):
             return None
         if PLAIN_TARGET.fullmatch(self._url) is None:
             return None
+
         content_length: int | None = None
         media_type = ""
         for name, value in self._fields:
@@ -448,6 +470,7 @@ class FrontProtocol(asyncio.Protocol):
             return None
         if media_type not in JSON_MEDIA_TYPES and not media_type.endswith("+json"):
             return None
+
         headers: CIMultiDict[str] = CIMultiDict(
             (name.decode(), value.decode()) for name, value in self._fields
         )
@@ -458,6 +481,7 @@ class FrontProtocol(asyncio.Protocol):
             content_length,
             media_type,
             self._keep_alive,
+            self._front.body_timeout,
         )
 
     def _take_body(self) -> None:
@@ -555,6 +579,7 @@ class FrontServer:
         self.connections: set[FrontProtocol] = set()
         self.max_body_size: int = settings.server.max_body_size
         self.keepalive_timeout: float = settings.server.keepalive_timeout
+        self.body_timeout: float = settings.server.client_body_timeout
         self._inner = inner
         self._app = app
         self._proxy: ApiProxy | None = None

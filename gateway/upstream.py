@@ -80,13 +80,25 @@ def forward_request_headers(headers: MultiMapping[str]) -> list[tuple[str, str]]
     ]
 
 
+def response_fields(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Return the upstream's header fields without hop-by-hop fields."""
+    kept: list[tuple[str, str]] = []
+    listed: list[str] = []
+    for name, value in headers:
+        normal = _normal(name)
+        if normal == "connection":
+            listed.append(value)
+        elif normal not in DROPPED_RESPONSE_HEADERS:
+            kept.append((name, value))
+    if not listed:
+        return kept
+    named = _connection_tokens(listed)
+    return [(name, value) for name, value in kept if _normal(name) not in named]
+
+
 def forward_response_headers(headers: list[tuple[str, str]]) -> CIMultiDict[str]:
     """Return the upstream's headers without hop-by-hop fields."""
-    connection = [value for name, value in headers if name.lower() == "connection"]
-    dropped = DROPPED_RESPONSE_HEADERS | _connection_tokens(connection)
-    return CIMultiDict(
-        (name, value) for name, value in headers if _normal(name) not in dropped
-    )
+    return CIMultiDict(response_fields(headers))
 
 
 class Relay:

@@ -9,9 +9,16 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.errors import InvalidRequest
-from gateway.rewrite import parse_json_body, rewrite_json_body, strip_query_credential
+from gateway.rewrite import (
+    _scan_object,
+    parse_json_body,
+    rewrite_json_body,
+    strip_query_credential,
+)
 
 TOKEN = "misskey-token-0123"  # noqa: S105
 
@@ -363,3 +370,65 @@ def test_query_duplicate_credential(query):
     with pytest.raises(InvalidRequest) as excinfo:
         strip_query_credential(query)
     assert excinfo.value.status == 400
+
+
+# The orjson check of bodies without an ``i`` member against the scanner
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+)
+values = st.recursive(
+    scalars,
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(max_size=6), children, max_size=4)
+    ),
+    max_leaves=15,
+)
+spacing = st.sampled_from(["", " ", "\n", "\t ", "\r\n  "])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    document=st.dictionaries(st.text(max_size=6), values, max_size=6),
+    before=spacing,
+    after=spacing,
+    ascii_only=st.booleans(),
+    token=st.none() | st.just(TOKEN),
+)
+def test_quick_check_matches_scanner(document, before, after, ascii_only, token):
+    text = before + json.dumps(document, ensure_ascii=ascii_only) + after
+    body = text.encode()
+
+    scanned = rewrite_json_body(_scan_object(text), token)
+
+    assert rewrite(body, token) == scanned
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"a":1,"a":2}',
+        b'{"n":18446744073709551616}',
+        b'{"n":1e400}',
+        b"\xef\xbb\xbf{}",
+        b'{"a":[' + b"[" * 300 + b"]" * 300 + b"]}",
+        b'{"a":NaN}',
+        b'{"a":1}x',
+    ],
+)
+def test_quick_check_edge_bodies(body):
+    try:
+        expected: bytes | str = rewrite_json_body(_scan_object(body.decode()), TOKEN)
+    except (InvalidRequest, UnicodeDecodeError, RecursionError) as error:
+        expected = type(error).__name__
+    try:
+        actual: bytes | str = rewrite(body, TOKEN)
+    except InvalidRequest as error:
+        actual = type(error).__name__
+
+    assert actual == expected
