@@ -53,9 +53,10 @@ MEDIA_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+")
 NOT_PLAIN_FIELDS = frozenset(
     {b"transfer-encoding", b"expect", b"upgrade", b"content-encoding"}
 )
-# A head longer than this goes to aiohttp, which applies its own limits
-# (8190 bytes per line by default).
+# A head longer than this, or with more fields, goes to aiohttp, which applies
+# its own limits (8190 bytes per line and 128 fields by default).
 MAX_PLAIN_HEAD = 8190
+MAX_PLAIN_FIELDS = 100
 # Bytes buffered from a client while a request is in progress before the
 # server stops reading from it.
 MAX_BUFFERED = 256 * 1024
@@ -200,11 +201,12 @@ class FastResponder:
             lines.append(f"{name}: {value}")
         if status in NO_BODY_STATUSES or status < 200:
             body = b""
-        elif length is None:
-            lines.append("Transfer-Encoding: chunked")
         else:
-            lines.append(f"Content-Length: {length}")
-            if length and "content-type" not in present:
+            if length is None:
+                lines.append("Transfer-Encoding: chunked")
+            else:
+                lines.append(f"Content-Length: {length}")
+            if length != 0 and "content-type" not in present:
                 lines.append("Content-Type: application/octet-stream")
         if "date" not in present:
             lines.append(f"Date: {http_date()}")
@@ -267,6 +269,12 @@ def http_date() -> str:
     return _date_text
 
 
+def _crlf_only(data: bytes | bytearray) -> bool:
+    """Return whether every CR and LF in ``data`` is part of a CRLF pair."""
+    pairs = data.count(b"\r\n")
+    return data.count(b"\n") == pairs and data.count(b"\r") == pairs
+
+
 def _reason(status: int) -> str:
     try:
         return HTTPStatus(status).phrase
@@ -292,6 +300,9 @@ class FrontProtocol(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None
         self._closing = False
         self._closed = False
+        # Set while the rest of an already answered request's body is read.
+        self._discarding = False
+        self._discard_timer: asyncio.TimerHandle | None = None
         # Fields of the head being parsed.
         self._url = b""
         self._fields: list[tuple[bytes, bytes]] = []
@@ -310,11 +321,13 @@ class FrontProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        if self._request is not None:
+        request = self._request
+        if request is not None:
             # A request is in progress: complete its body, keep the rest.
             self._take_body()
             if (
-                self._request.body_complete
+                self._request is request
+                and request.body_complete
                 and len(self._buffer) > MAX_BUFFERED
                 and not self._reading_paused
             ):
@@ -328,7 +341,7 @@ class FrontProtocol(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         # Close once the current response, if any, is written.
         self._closing = True
-        if self._request is None:
+        if self._request is None or self._discarding:
             self.close()
         return True
 
@@ -336,6 +349,8 @@ class FrontProtocol(asyncio.Protocol):
         self._closed = True
         self._front.connections.discard(self)
         self._cancel_idle_timer()
+        if self._discard_timer is not None:
+            self._discard_timer.cancel()
         if self._drained is not None and not self._drained.done():
             self._drained.set_exception(ConnectionResetError("client disconnected"))
 
@@ -380,7 +395,8 @@ class FrontProtocol(asyncio.Protocol):
 
     @property
     def busy(self) -> bool:
-        return self._request is not None
+        """Whether a response is still being made."""
+        return self._request is not None and not self._discarding
 
     @property
     def closing(self) -> bool:
@@ -390,7 +406,7 @@ class FrontProtocol(asyncio.Protocol):
     def close_when_idle(self) -> None:
         """Close now if no request is in progress, else after its response."""
         self._closing = True
-        if self._request is None:
+        if not self.busy:
             self.close()
 
     # httptools callbacks, while a head is parsed
@@ -416,10 +432,13 @@ class FrontProtocol(asyncio.Protocol):
         buffer = self._buffer
         head_end = buffer.find(b"\r\n\r\n")
         if head_end < 0:
-            if len(buffer) > MAX_PLAIN_HEAD:
+            if len(buffer) > MAX_PLAIN_HEAD or not _crlf_only(buffer):
                 self._hand_off()
             return
         head_end += 4
+        if head_end > MAX_PLAIN_HEAD:
+            self._hand_off()
+            return
         request = self._parse_head(bytes(buffer[:head_end]))
         if request is None:
             self._hand_off()
@@ -433,7 +452,7 @@ class FrontProtocol(asyncio.Protocol):
 
     def _parse_head(self, head: bytes) -> FastRequest | None:
         """Return the request a head starts, or None if it is not plain."""
-        if not head.isascii():
+        if not head.isascii() or not _crlf_only(head):
             return None
         self._url = b""
         self._fields = []
@@ -450,12 +469,17 @@ class FrontProtocol(asyncio.Protocol):
         if PLAIN_TARGET.fullmatch(self._url) is None:
             return None
 
+        if len(self._fields) > MAX_PLAIN_FIELDS:
+            return None
         content_length: int | None = None
         media_type = ""
+        hosts = 0
         for name, value in self._fields:
             lowered = name.lower()
             if lowered in NOT_PLAIN_FIELDS:
                 return None
+            if lowered == b"host":
+                hosts += 1
             if lowered == b"content-length":
                 if content_length is not None or not value.isdigit():
                     return None
@@ -467,6 +491,9 @@ class FrontProtocol(asyncio.Protocol):
                 if MEDIA_TYPE.fullmatch(media_type) is None:
                     return None
         if content_length is None or content_length > self._front.max_body_size:
+            return None
+        if hosts != 1:
+            # RFC 9112 section 3.2: exactly one Host field; aiohttp answers 400.
             return None
         if media_type not in JSON_MEDIA_TYPES and not media_type.endswith("+json"):
             return None
@@ -496,6 +523,8 @@ class FrontProtocol(asyncio.Protocol):
         body = bytes(self._buffer[start:end])
         del self._buffer[:end]
         request.set_body(body)
+        if self._discarding:
+            self._after_response()
 
     async def _serve(self, request: FastRequest, responder: FastResponder) -> None:
         proxy = self._front.proxy
@@ -509,15 +538,29 @@ class FrontProtocol(asyncio.Protocol):
         self._request_done(request, responder)
 
     def _request_done(self, request: FastRequest, responder: FastResponder) -> None:
-        self._request = None
         self._task = None
-        if (
-            self._closed
-            or self._closing
-            or not responder.keep_alive
-            or not request.body_complete
-        ):
-            # A body that has not fully arrived cannot be skipped reliably.
+        if self._closed or self._closing or not responder.keep_alive:
+            self._request = None
+            self.close()
+            return
+        if not request.body_complete:
+            # Answered before the body arrived: like aiohttp, read the rest of
+            # the body and drop it, so the connection stays usable.
+            self._discarding = True
+            self._discard_timer = self._loop.call_later(
+                self._front.body_timeout, self.close
+            )
+            return
+        self._after_response()
+
+    def _after_response(self) -> None:
+        """Go on with the next request once a response and its body are done."""
+        self._request = None
+        self._discarding = False
+        if self._discard_timer is not None:
+            self._discard_timer.cancel()
+            self._discard_timer = None
+        if self._closing or self._closed:
             self.close()
             return
         if self._reading_paused and self._transport is not None:

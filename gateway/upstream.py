@@ -97,8 +97,25 @@ def response_fields(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def forward_response_headers(headers: list[tuple[str, str]]) -> CIMultiDict[str]:
-    """Return the upstream's headers without hop-by-hop fields."""
-    return CIMultiDict(response_fields(headers))
+    """Return the upstream's headers without hop-by-hop fields, for aiohttp.
+
+    Field values arrive decoded as latin-1, and aiohttp encodes them as UTF-8,
+    so a UTF-8 value is decoded as such to reach the client byte for byte.
+    """
+    return CIMultiDict(
+        (name, value if value.isascii() else _utf8_value(value))
+        for name, value in response_fields(headers)
+    )
+
+
+def _utf8_value(value: str) -> str:
+    raw = value.encode("latin-1")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        # NOTE: aiohttp can only write UTF-8, so these bytes reach the client
+        # re-encoded; the lean server relays them unchanged.
+        return value
 
 
 class Relay:
