@@ -56,8 +56,19 @@ def create_pool(settings: UpstreamSettings) -> UpstreamPool:
     )
 
 
+# Normalised spellings of header names seen so far; names repeat on every
+# request, and the size bound keeps clients from growing it without end.
+_normal_names: dict[str, str] = {}
+MAX_NORMAL_NAMES = 1024
+
+
 def _normal(name: str) -> str:
-    return name.lower().replace("_", "-")
+    normal = _normal_names.get(name)
+    if normal is None:
+        normal = name.lower().replace("_", "-")
+        if len(_normal_names) < MAX_NORMAL_NAMES:
+            _normal_names[name] = normal
+    return normal
 
 
 def _connection_tokens(values: Iterable[str]) -> set[str]:
@@ -72,9 +83,10 @@ def _connection_tokens(values: Iterable[str]) -> set[str]:
 
 def forward_request_headers(headers: MultiMapping[str]) -> list[tuple[str, str]]:
     """Return the client's headers without credentials and hop-by-hop fields."""
-    dropped = DROPPED_REQUEST_HEADERS | _connection_tokens(
-        headers.getall("Connection", [])
-    )
+    listed = headers.getall("Connection", ())
+    dropped = DROPPED_REQUEST_HEADERS
+    if listed:
+        dropped = dropped | _connection_tokens(listed)
     return [
         (name, value) for name, value in headers.items() if _normal(name) not in dropped
     ]
