@@ -13,6 +13,9 @@ from pathlib import Path
 # gateway-required-uncached case. The case runs only when StoreSettings has
 # the field CACHE_SETTING_FIELD, because the gateway rejects unknown keys.
 UNCACHED_OVERRIDE = {"MISSKEY_GATEWAY_STORE_CACHE_TTL": "0"}
+# Environment override that leaves every request to aiohttp's server, for the
+# gateway-required-aiohttp case: what the lean HTTP/1.1 server saves.
+AIOHTTP_ONLY_OVERRIDE = {"MISSKEY_GATEWAY_SERVER_FAST_PATH": "false"}
 CACHE_SETTING_FIELD = "cache_ttl"
 CACHE_MISSING_REASON = "token cache not implemented"
 MULTIPART_MISSING_REASON = "multipart streaming not implemented"
@@ -79,6 +82,11 @@ CASES = (
         5, "gateway-required-uncached", "as gateway-required, token cache off",
         GATEWAY, "/api/notes/create", NOTE_BODY, "write:notes",
         gateway_env=UNCACHED_OVERRIDE, needs_token_cache=True,
+    ),
+    Case(
+        7, "gateway-required-aiohttp", "as gateway-required, aiohttp's server only",
+        GATEWAY, "/api/notes/create", NOTE_BODY, "write:notes",
+        gateway_env=AIOHTTP_ONLY_OVERRIDE,
     ),
     Case(
         6, "upload-256mib", "gateway, 256 MiB multipart POST /api/drive/files/create",

@@ -404,12 +404,12 @@ def test_results_page_created(tmp_path: Path) -> None:
 def test_select_cases_by_number_and_name() -> None:
     names = [case.name for case in select_cases("4, direct,2")]
     assert names == ["direct", "nginx-proxy", "gateway-required"]
-    assert len(select_cases(None)) == 6
+    assert len(select_cases(None)) == 7
 
 
 def test_select_cases_unknown() -> None:
-    with pytest.raises(ValueError, match="unknown case '7'"):
-        select_cases("1,7")
+    with pytest.raises(ValueError, match="unknown case '8'"):
+        select_cases("1,8")
 
 
 def test_proxy_config_keepalive(tmp_path: Path) -> None:
