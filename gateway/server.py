@@ -79,6 +79,7 @@ class FastRequest:
         "body_timeout",
         "_body",
         "_body_arrived",
+        "_lost",
     )
 
     method = "POST"
@@ -103,6 +104,7 @@ class FastRequest:
         self.body_timeout = body_timeout
         self._body: bytes | None = None
         self._body_arrived: asyncio.Future[None] | None = None
+        self._lost = False
 
     @property
     def body_complete(self) -> bool:
@@ -113,12 +115,20 @@ class FastRequest:
         if self._body_arrived is not None and not self._body_arrived.done():
             self._body_arrived.set_result(None)
 
+    def body_lost(self) -> None:
+        """End a wait for the body: the client closed the connection."""
+        self._lost = True
+        if self._body_arrived is not None and not self._body_arrived.done():
+            self._body_arrived.set_exception(ClientDisconnected())
+
     async def read(self) -> bytes:
         """Return the body, waiting up to ``body_timeout`` for the rest of it.
 
         Raises TimeoutError when the body does not arrive in time.
         """
         if self._body is None:
+            if self._lost:
+                raise ClientDisconnected()
             if self._body_arrived is None:
                 self._body_arrived = asyncio.get_running_loop().create_future()
             async with asyncio.timeout(self.body_timeout):
@@ -351,6 +361,8 @@ class FrontProtocol(asyncio.Protocol):
         self._cancel_idle_timer()
         if self._discard_timer is not None:
             self._discard_timer.cancel()
+        if self._request is not None and not self._request.body_complete:
+            self._request.body_lost()
         if self._drained is not None and not self._drained.done():
             self._drained.set_exception(ConnectionResetError("client disconnected"))
 
