@@ -45,13 +45,13 @@ logger = structlog.get_logger("gateway.server")
 # percent-escapes, empty segments or a trailing slash, then an optional query
 # of visible ASCII without "#". The path is then the same whether read raw or
 # normalised, as aiohttp's router reads it.
-PLAIN_TARGET = re.compile(rb"/api/[A-Za-z0-9_-]+(?:/[A-Za-z0-9_-]+)*(?:\?[!-\"$-~]*)?")
+PLAIN_TARGET = re.compile(r"/api/[A-Za-z0-9_-]+(?:/[A-Za-z0-9_-]+)*(?:\?[!-\"$-~]*)?")
 # A media type without parameters, as in "application/json".
 MEDIA_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+")
 # Request header fields that make a request not plain: their handling is
 # aiohttp's (100-continue, upgrades, chunked and compressed bodies).
 NOT_PLAIN_FIELDS = frozenset(
-    {b"transfer-encoding", b"expect", b"upgrade", b"content-encoding"}
+    {"transfer-encoding", "expect", "upgrade", "content-encoding"}
 )
 # A head longer than this, or with more fields, goes to aiohttp, which applies
 # its own limits (8190 bytes per line and 128 fields by default).
@@ -313,9 +313,7 @@ class FrontProtocol(asyncio.Protocol):
         # Set while the rest of an already answered request's body is read.
         self._discarding = False
         self._discard_timer: asyncio.TimerHandle | None = None
-        # Fields of the head being parsed.
-        self._url = b""
-        self._fields: list[tuple[bytes, bytes]] = []
+        # Keep-alive of the head being parsed.
         self._keep_alive = False
         self._parser: httptools.HttpRequestParser | None = None
 
@@ -351,8 +349,12 @@ class FrontProtocol(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         # Close once the current response, if any, is written.
         self._closing = True
-        if self._request is None or self._discarding:
+        request = self._request
+        if request is None or self._discarding:
             self.close()
+        elif not request.body_complete:
+            # The rest of the body can no longer arrive.
+            request.body_lost()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -421,13 +423,7 @@ class FrontProtocol(asyncio.Protocol):
         if not self.busy:
             self.close()
 
-    # httptools callbacks, while a head is parsed
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._fields.append((name, value))
+    # httptools callback, while a head is parsed
 
     def on_headers_complete(self) -> None:
         # Read here: once a message without a body is complete, llhttp has
@@ -444,7 +440,9 @@ class FrontProtocol(asyncio.Protocol):
         buffer = self._buffer
         head_end = buffer.find(b"\r\n\r\n")
         if head_end < 0:
-            if len(buffer) > MAX_PLAIN_HEAD or not _crlf_only(buffer):
+            # A CRLF may be split between two reads.
+            partial = buffer[:-1] if buffer.endswith(b"\r") else buffer
+            if len(buffer) > MAX_PLAIN_HEAD or not _crlf_only(partial):
                 self._hand_off()
             return
         head_end += 4
@@ -463,11 +461,13 @@ class FrontProtocol(asyncio.Protocol):
         self._task = self._loop.create_task(self._serve(request, responder))
 
     def _parse_head(self, head: bytes) -> FastRequest | None:
-        """Return the request a head starts, or None if it is not plain."""
+        """Return the request a head starts, or None if it is not plain.
+
+        llhttp checks the syntax of the head; the fields are then split here,
+        which costs less than a callback per field.
+        """
         if not head.isascii() or not _crlf_only(head):
             return None
-        self._url = b""
-        self._fields = []
         self._keep_alive = False
         parser = self._parser = httptools.HttpRequestParser(self)
         try:
@@ -476,32 +476,44 @@ class FrontProtocol(asyncio.Protocol):
             return None
         finally:
             self._parser = None
-        if parser.get_method() != b"POST" or parser.get_http_version() != "1.1":
+
+        # The head ends with an empty line, so the last two items are empty.
+        lines = head.decode("ascii").split("\r\n")[:-2]
+        request_line = lines[0].split(" ")
+        if len(request_line) != 3 or len(lines) > MAX_PLAIN_FIELDS + 1:
             return None
-        if PLAIN_TARGET.fullmatch(self._url) is None:
+        method, target, version = request_line
+        if method != "POST" or version != "HTTP/1.1":
+            return None
+        if PLAIN_TARGET.fullmatch(target) is None:
             return None
 
-        if len(self._fields) > MAX_PLAIN_FIELDS:
-            return None
+        fields: list[tuple[str, str]] = []
         content_length: int | None = None
         media_type = ""
         hosts = 0
-        for name, value in self._fields:
+        for line in lines[1:]:
+            if line[0] in " \t":
+                # An obsolete folded line, which aiohttp rejects.
+                return None
+            name, _, value = line.partition(":")
+            value = value.strip(" \t")
             lowered = name.lower()
             if lowered in NOT_PLAIN_FIELDS:
                 return None
-            if lowered == b"host":
+            if lowered == "host":
                 hosts += 1
-            if lowered == b"content-length":
+            elif lowered == "content-length":
                 if content_length is not None or not value.isdigit():
                     return None
                 content_length = int(value)
-            elif lowered == b"content-type":
+            elif lowered == "content-type":
                 if media_type:
                     return None
-                media_type = value.split(b";", 1)[0].strip().lower().decode()
+                media_type = value.split(";", 1)[0].strip().lower()
                 if MEDIA_TYPE.fullmatch(media_type) is None:
                     return None
+            fields.append((name, value))
         if content_length is None or content_length > self._front.max_body_size:
             return None
         if hosts != 1:
@@ -510,12 +522,9 @@ class FrontProtocol(asyncio.Protocol):
         if media_type not in JSON_MEDIA_TYPES and not media_type.endswith("+json"):
             return None
 
-        headers: CIMultiDict[str] = CIMultiDict(
-            (name.decode(), value.decode()) for name, value in self._fields
-        )
         return FastRequest(
-            self._url.decode(),
-            headers,
+            target,
+            CIMultiDict(fields),
             self._remote,
             content_length,
             media_type,
