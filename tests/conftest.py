@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import shutil
 import socket
@@ -155,12 +156,22 @@ async def record_response(request: web.Request, response: web.StreamResponse) ->
     RESPONSES.append(str(dict(response.headers)) + "\n" + text)
 
 
+# Queues that receive every chunk the lean server reads, for the tests that
+# wait for bytes to arrive.
+READ_OBSERVERS: list[asyncio.Queue[bytes]] = []
+
+
 class RecordingProtocol(FrontProtocol):
-    """The lean server's connection, recording every byte it sends."""
+    """The lean server's connection, recording every byte it sends and reads."""
 
     def write(self, data: bytes) -> None:
         RESPONSES.append(data.decode("utf-8", "replace"))
         super().write(data)
+
+    def data_received(self, data: bytes) -> None:
+        for observer in READ_OBSERVERS:
+            observer.put_nowait(data)
+        super().data_received(data)
 
 
 class RecordingFrontServer(FrontServer):
