@@ -104,7 +104,10 @@ def response_fields(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
             kept.append((name, value))
     if not listed:
         return kept
-    named = _connection_tokens(listed)
+    # "Connection: keep-alive" names only fields that are dropped anyway.
+    named = _connection_tokens(listed) - DROPPED_RESPONSE_HEADERS
+    if not named:
+        return kept
     return [(name, value) for name, value in kept if _normal(name) not in named]
 
 
