@@ -11,7 +11,6 @@ import os
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
@@ -79,15 +78,17 @@ MAX_ERROR_BODY = 64 * 1024
 JSON_MEDIA_TYPES = frozenset({"application/json", "text/plain", ""})
 
 
-@dataclass
 class RequestLog:
     """Fields of the one summary event logged for each request."""
 
-    request_id: str
-    method: str
-    started: float = field(default_factory=time.perf_counter)
-    fields: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
+    __slots__ = ("request_id", "method", "started", "fields", "timings")
+
+    def __init__(self, request_id: str, method: str):
+        self.request_id = request_id
+        self.method = method
+        self.started = time.perf_counter()
+        self.fields: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
 
 
 class ClientRequest(Protocol):
@@ -415,7 +416,12 @@ class ApiProxy:
             method, target, headers, forwarded_body, log.timings
         )
         prefetched: bytes | None = None
-        if token is not None and principal is not None and body is not None:
+        if (
+            upstream.status == 401
+            and token is not None
+            and principal is not None
+            and body is not None
+        ):
             retry = await self._token_rejected(upstream, principal, token, log)
             if isinstance(retry, str):
                 upstream.release()

@@ -305,6 +305,7 @@ class FrontProtocol(asyncio.Protocol):
         self._body_end = 0
         self._task: asyncio.Task[None] | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_deadline: float | None = None
         self._reading_paused = False
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
@@ -360,7 +361,7 @@ class FrontProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._front.connections.discard(self)
-        self._cancel_idle_timer()
+        self._stop_idle_timer()
         if self._discard_timer is not None:
             self._discard_timer.cancel()
         if self._request is not None and not self._request.body_complete:
@@ -596,7 +597,7 @@ class FrontProtocol(asyncio.Protocol):
         transport = self._transport
         if transport is None or self._closed:
             return
-        self._cancel_idle_timer()
+        self._stop_idle_timer()
         self._front.connections.discard(self)
         self._closed = True
         handler = self._front.aiohttp_protocol()
@@ -609,21 +610,40 @@ class FrontProtocol(asyncio.Protocol):
         if data:
             handler.data_received(data)
 
+    # The idle timeout restarts after every response, so it is a deadline
+    # checked by one timer that re-arms itself, not a timer cancelled and
+    # made anew for every request.
+
     def _start_idle_timer(self) -> None:
-        self._cancel_idle_timer()
         timeout = self._front.keepalive_timeout
-        if timeout > 0:
-            self._idle_timer = self._loop.call_later(timeout, self._idle_timeout)
+        if timeout <= 0:
+            return
+        self._idle_deadline = self._loop.time() + timeout
+        if self._idle_timer is None:
+            self._idle_timer = self._loop.call_at(
+                self._idle_deadline, self._check_idle_deadline
+            )
 
     def _cancel_idle_timer(self) -> None:
+        self._idle_deadline = None
+
+    def _stop_idle_timer(self) -> None:
+        self._idle_deadline = None
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
 
-    def _idle_timeout(self) -> None:
+    def _check_idle_deadline(self) -> None:
+        self._idle_timer = None
+        deadline = self._idle_deadline
+        if deadline is None:
+            return
+        if self._loop.time() < deadline:
+            self._idle_timer = self._loop.call_at(deadline, self._check_idle_deadline)
+            return
         # Like aiohttp: a connection that has not sent a whole request head
         # this long after it opened or after its last response is closed.
-        self._idle_timer = None
+        self._idle_deadline = None
         if self._request is None:
             self.close()
 

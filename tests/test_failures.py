@@ -116,6 +116,57 @@ async def test_upstream_timeout_is_504(start_gateway):
     assert elapsed < 3
 
 
+async def test_upstream_timeout_on_reused_connection(start_gateway):
+    gateway = await start_gateway(**{"upstream.read_timeout": 0.3})
+    await gateway.store_token("alice", STORED)
+
+    async def slow(request, received):
+        await asyncio.sleep(5)
+        return web.json_response({})
+
+    async def quick(request, received):
+        return web.json_response({})
+
+    gateway.fake.handlers["fake/slow"] = slow
+    gateway.fake.handlers["fake/quick"] = quick
+    first = await gateway.client.post(
+        "/api/fake/quick", json={}, headers=gateway.bearer()
+    )
+    await asyncio.sleep(0.2)
+    started = asyncio.get_running_loop().time()
+    second = await gateway.client.post(
+        "/api/fake/slow", json={}, headers=gateway.bearer()
+    )
+    elapsed = asyncio.get_running_loop().time() - started
+
+    assert first.status == 200
+    assert second.status == 504
+    assert elapsed < 3
+
+
+async def test_trickling_upstream_body_not_timed_out(start_gateway):
+    gateway = await start_gateway(**{"upstream.read_timeout": 0.3})
+    await gateway.store_token("alice", STORED)
+    pieces = [b'{"a":', b'"' + b"x" * 10 + b'"', b',"b":1', b"}"]
+
+    async def trickle(request, received):
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        for piece in pieces:
+            await response.write(piece)
+            await asyncio.sleep(0.15)
+        await response.write_eof()
+        return response
+
+    gateway.fake.handlers["fake/trickle"] = trickle
+    response = await gateway.client.post(
+        "/api/fake/trickle", json={}, headers=gateway.bearer()
+    )
+
+    assert response.status == 200
+    assert await response.read() == b"".join(pieces)
+
+
 async def test_upstream_closes_without_answer_is_502(gateway):
     async def drop(request, received):
         request.transport.close()
