@@ -9,6 +9,7 @@ duplicate keys included.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ def _reject_constant(name: str) -> Any:
 _scan_value = json.JSONDecoder(parse_constant=_reject_constant).scan_once  # type: ignore[attr-defined]
 
 
-@dataclass
+@dataclass(slots=True)
 class JsonBody:
     """A JSON object body and the position of each top-level member.
 
@@ -194,9 +195,15 @@ def rewrite_json_body(parsed: JsonBody, token: str | None) -> bytes:
 
     if token is not None:
         insert_at = parsed.open_brace + 1
-        member = f'"i":{json.dumps(token)}' + ("," if remaining else "")
+        member = _credential_member(token) + ("," if remaining else "")
         text = text[:insert_at] + member + text[insert_at:]
     return text.encode("utf-8")
+
+
+@functools.lru_cache(maxsize=256)
+def _credential_member(token: str) -> str:
+    """Return the ``"i"`` member that injects ``token``; a few tokens recur."""
+    return f'"i":{json.dumps(token)}'
 
 
 @dataclass(frozen=True)

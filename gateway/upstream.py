@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 
@@ -87,8 +88,11 @@ def forward_request_headers(headers: MultiMapping[str]) -> list[tuple[str, str]]
     dropped = DROPPED_REQUEST_HEADERS
     if listed:
         dropped = dropped | _connection_tokens(listed)
+    known = _normal_names.get
     return [
-        (name, value) for name, value in headers.items() if _normal(name) not in dropped
+        (name, value)
+        for name, value in headers.items()
+        if (known(name) or _normal(name)) not in dropped
     ]
 
 
@@ -96,19 +100,29 @@ def response_fields(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """Return the upstream's header fields without hop-by-hop fields."""
     kept: list[tuple[str, str]] = []
     listed: list[str] = []
+    known = _normal_names.get
     for name, value in headers:
-        normal = _normal(name)
+        normal = known(name) or _normal(name)
         if normal == "connection":
             listed.append(value)
         elif normal not in DROPPED_RESPONSE_HEADERS:
             kept.append((name, value))
     if not listed:
         return kept
-    # "Connection: keep-alive" names only fields that are dropped anyway.
-    named = _connection_tokens(listed) - DROPPED_RESPONSE_HEADERS
+    named = _listed_names(tuple(listed))
     if not named:
         return kept
     return [(name, value) for name, value in kept if _normal(name) not in named]
+
+
+@functools.lru_cache(maxsize=64)
+def _listed_names(values: tuple[str, ...]) -> frozenset[str]:
+    """Return the fields that Connection values name beyond those dropped anyway.
+
+    Upstreams send the same Connection value on every response (usually
+    "keep-alive", which names nothing more), so the answer is cached.
+    """
+    return frozenset(_connection_tokens(values) - DROPPED_RESPONSE_HEADERS)
 
 
 def forward_response_headers(headers: list[tuple[str, str]]) -> CIMultiDict[str]:
