@@ -120,7 +120,7 @@ def _listed_names(values: tuple[str, ...]) -> frozenset[str]:
     """Return the fields that Connection values name beyond those dropped anyway.
 
     Upstreams send the same Connection value on every response (usually
-    "keep-alive", which names nothing more), so the answer is cached.
+    "keep-alive", which names nothing more), so the result is cached.
     """
     return frozenset(_connection_tokens(values) - DROPPED_RESPONSE_HEADERS)
 
