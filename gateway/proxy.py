@@ -461,7 +461,12 @@ class ApiProxy:
         # The stored token was rotated after it was cached, or was revoked in
         # Misskey: read it again, bypassing the cache.
         self._store.invalidate(principal.subject)
-        fresh = await self._store.get_token(principal.subject)
+        try:
+            fresh = await self._store.get_token(principal.subject)
+        except BaseException:
+            # The error response replaces the upstream's, which is not relayed.
+            upstream.release()
+            raise
         if fresh is None or fresh == token:
             log.fields["token_rejected"] = True
             return error_body

@@ -309,7 +309,10 @@ class FrontProtocol(asyncio.Protocol):
         self._reading_paused = False
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
-        self._closing = False
+        # Set by a graceful stop: close once the response in progress is out.
+        self._stopping = False
+        # Set when the client has sent everything it will send.
+        self._eof = False
         self._closed = False
         # Set while the rest of an already answered request's body is read.
         self._discarding = False
@@ -348,8 +351,9 @@ class FrontProtocol(asyncio.Protocol):
         self._next_request()
 
     def eof_received(self) -> bool | None:
-        # Close once the current response, if any, is written.
-        self._closing = True
+        # Requests already buffered are still answered; then the connection
+        # closes.
+        self._eof = True
         request = self._request
         if request is None or self._discarding:
             self.close()
@@ -416,13 +420,23 @@ class FrontProtocol(asyncio.Protocol):
     @property
     def closing(self) -> bool:
         """Whether the connection closes after the response in progress."""
-        return self._closing
+        return self._stopping or (self._eof and not self._buffer)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close_when_idle(self) -> None:
         """Close now if no request is in progress, else after its response."""
-        self._closing = True
+        self._stopping = True
         if not self.busy:
             self.close()
+
+    def stop(self) -> None:
+        """Cut the connection and cancel the request in progress."""
+        if self._task is not None:
+            self._task.cancel()
+        self.abort()
 
     # httptools callback, while a head is parsed
 
@@ -436,11 +450,15 @@ class FrontProtocol(asyncio.Protocol):
 
     def _next_request(self) -> None:
         """Start the next buffered request, or hand it to aiohttp if not plain."""
-        if self._closing or self._closed:
+        if self._stopping or self._closed:
             return
         buffer = self._buffer
         head_end = buffer.find(b"\r\n\r\n")
         if head_end < 0:
+            if self._eof:
+                # No more bytes will come to complete this head.
+                self.close()
+                return
             # A CRLF may be split between two reads.
             partial = buffer[:-1] if buffer.endswith(b"\r") else buffer
             if len(buffer) > MAX_PLAIN_HEAD or not _crlf_only(partial):
@@ -552,6 +570,9 @@ class FrontProtocol(asyncio.Protocol):
         proxy = self._front.proxy
         try:
             await proxy.serve(request, responder)
+            # Like aiohttp: no next request until a slow client has taken
+            # most of this response, so pipelined responses cannot pile up.
+            await self.drain()
         except (ClientDisconnected, UpstreamBodyFailed):
             self.abort()
         except Exception:
@@ -561,7 +582,7 @@ class FrontProtocol(asyncio.Protocol):
 
     def _request_done(self, request: FastRequest, responder: FastResponder) -> None:
         self._task = None
-        if self._closed or self._closing or not responder.keep_alive:
+        if self._closed or self._stopping or not responder.keep_alive:
             self._request = None
             self.close()
             return
@@ -582,7 +603,7 @@ class FrontProtocol(asyncio.Protocol):
         if self._discard_timer is not None:
             self._discard_timer.cancel()
             self._discard_timer = None
-        if self._closing or self._closed:
+        if self._stopping or self._closed or (self._eof and not self._buffer):
             self.close()
             return
         if self._reading_paused and self._transport is not None:
@@ -603,6 +624,10 @@ class FrontProtocol(asyncio.Protocol):
         handler = self._front.aiohttp_protocol()
         transport.set_protocol(handler)
         handler.connection_made(transport)
+        if self._write_paused:
+            # The transport reports only changes, so tell the new protocol
+            # that its buffer is already full.
+            handler.pause_writing()
         if self._reading_paused:
             transport.resume_reading()
         data = bytes(self._buffer)
@@ -700,9 +725,11 @@ class FrontServer:
             if deadline is not None and self.loop.time() >= deadline:
                 break
             await asyncio.sleep(0.05)
+        # Connections already closed finish sending what they wrote; those
+        # still making a response after the grace period are cut.
         for connection in list(self.connections):
-            connection.abort()
-        self.connections.clear()
+            if not connection.closed:
+                connection.stop()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
