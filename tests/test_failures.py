@@ -35,6 +35,32 @@ async def test_redis_unreachable_is_503(start_gateway):
 
 
 @redis_only
+async def test_store_down_on_recheck_releases_upstream(start_gateway, own_redis):
+    gateway = await start_gateway(
+        **{
+            "store.url": own_redis.url,
+            "store.cache_ttl": 60,
+            "store.stale_limit": 0,
+            "upstream.max_connections": 1,
+            "upstream.connect_timeout": 1.0,
+        }
+    )
+    # The fake Misskey does not know the stored token, so it answers 401
+    # AUTHENTICATION_FAILED and the gateway reads the store again.
+    await gateway.store_token("alice", STORED)
+    headers = gateway.bearer()
+    first = await gateway.client.post("/api/i", json={}, headers=headers)
+    own_redis.stop()
+    second = await gateway.client.post("/api/i", json={}, headers=headers)
+    anonymous = await gateway.client.post("/api/app/create", json={"name": "x"})
+
+    assert first.status == 401
+    assert second.status == 503
+    assert (await second.json())["error"]["code"] == "TOKEN_STORE_UNAVAILABLE"
+    assert anonymous.status == 200
+
+
+@redis_only
 async def test_redis_down_optional_never_anonymous(start_gateway):
     gateway = await start_gateway(**{"store.url": f"redis://127.0.0.1:{free_port()}/0"})
     response = await gateway.client.post("/api/meta", json={}, headers=gateway.bearer())
