@@ -34,6 +34,7 @@ from multidict import CIMultiDict
 
 from gateway.app import PROXY_KEY
 from gateway.config import Settings
+from gateway.deadline import Deadline
 from gateway.errors import GatewayError, RequestTimeout
 from gateway.proxy import JSON_MEDIA_TYPES, REQUEST_ID_HEADER, ApiProxy
 from gateway.upstream import ClientDisconnected, UpstreamBodyFailed, response_fields
@@ -304,8 +305,7 @@ class FrontProtocol(asyncio.Protocol):
         self._request: FastRequest | None = None
         self._body_end = 0
         self._task: asyncio.Task[None] | None = None
-        self._idle_timer: asyncio.TimerHandle | None = None
-        self._idle_deadline: float | None = None
+        self._idle_deadline = Deadline(self._loop, self._idle_timeout)
         self._reading_paused = False
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
@@ -635,40 +635,20 @@ class FrontProtocol(asyncio.Protocol):
         if data:
             handler.data_received(data)
 
-    # The idle timeout restarts after every response, so it is a deadline
-    # checked by one timer that re-arms itself, not a timer cancelled and
-    # made anew for every request.
-
     def _start_idle_timer(self) -> None:
         timeout = self._front.keepalive_timeout
-        if timeout <= 0:
-            return
-        self._idle_deadline = self._loop.time() + timeout
-        if self._idle_timer is None:
-            self._idle_timer = self._loop.call_at(
-                self._idle_deadline, self._check_idle_deadline
-            )
+        if timeout > 0:
+            self._idle_deadline.start(timeout)
 
     def _cancel_idle_timer(self) -> None:
-        self._idle_deadline = None
+        self._idle_deadline.clear()
 
     def _stop_idle_timer(self) -> None:
-        self._idle_deadline = None
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self._idle_deadline.stop()
 
-    def _check_idle_deadline(self) -> None:
-        self._idle_timer = None
-        deadline = self._idle_deadline
-        if deadline is None:
-            return
-        if self._loop.time() < deadline:
-            self._idle_timer = self._loop.call_at(deadline, self._check_idle_deadline)
-            return
+    def _idle_timeout(self) -> None:
         # Like aiohttp: a connection that has not sent a whole request head
         # this long after it opened or after its last response is closed.
-        self._idle_deadline = None
         if self._request is None:
             self.close()
 

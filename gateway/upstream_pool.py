@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from gateway.deadline import Deadline
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 
 # Bytes of response body buffered before the client side is read from again.
@@ -207,8 +208,7 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
         self._response: UpstreamResponse | None = None
-        self._read_timer: asyncio.TimerHandle | None = None
-        self._read_deadline: float | None = None
+        self._read_deadline = Deadline(self._loop, self._timed_out)
         self._paused = False
         self._informational = False
         self._writable = asyncio.Event()
@@ -253,7 +253,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._writable.set()
-        self._stop_read_timer()
+        self._read_deadline.stop()
         self._fail_current(
             exc or ConnectionResetError("the upstream closed the connection")
         )
@@ -355,7 +355,7 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
-        self._stop_read_timer()
+        self._read_deadline.stop()
         if self.transport is not None:
             self.transport.abort()
 
@@ -363,35 +363,13 @@ class _Connection(asyncio.Protocol):
         if self._response is not None:
             self._response.fail(error)
 
-    # The read timeout moves on every read, so it is a deadline checked by
-    # one timer that re-arms itself, not a timer cancelled and made anew for
-    # every read.
-
     def _restart_read_timer(self) -> None:
-        self._read_deadline = self._loop.time() + self._pool.read_timeout
-        if self._read_timer is None:
-            self._read_timer = self._loop.call_at(
-                self._read_deadline, self._check_read_deadline
-            )
+        self._read_deadline.start(self._pool.read_timeout)
 
     def _cancel_read_timer(self) -> None:
-        self._read_deadline = None
+        self._read_deadline.clear()
 
-    def _stop_read_timer(self) -> None:
-        self._read_deadline = None
-        if self._read_timer is not None:
-            self._read_timer.cancel()
-            self._read_timer = None
-
-    def _check_read_deadline(self) -> None:
-        self._read_timer = None
-        deadline = self._read_deadline
-        if deadline is None:
-            return
-        if self._loop.time() < deadline:
-            self._read_timer = self._loop.call_at(deadline, self._check_read_deadline)
-            return
-        self._read_deadline = None
+    def _timed_out(self) -> None:
         self._fail_current(TimeoutError("the upstream did not send data in time"))
         self.close()
 

@@ -19,28 +19,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.http_raw import send_raw
+from tests.strategies import json_values
 
 STORED = "misskey-token-alice"
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 
 pytestmark = pytest.mark.parametrize("store_backend", ["sqlite"], indirect=True)
 
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**80), max_value=2**80)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=40)
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda children: (
-        st.lists(children, max_size=4)
-        | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
-    max_leaves=20,
-)
-json_objects = st.dictionaries(st.text(max_size=10), json_values, max_size=8)
+json_objects = st.dictionaries(st.text(max_size=10), json_values(), max_size=8)
 
 
 def run_in_loop(
@@ -125,7 +111,7 @@ bodies = st.one_of(
     json_objects.map(lambda value: json.dumps(value).encode()),
     st.builds(
         lambda value: json.dumps({"i": value, "text": "x"}).encode(),
-        json_values,
+        json_values(),
     ),
     st.binary(max_size=200),
     st.just(b'--b\r\nContent-Disposition: form-data; name="i"\r\n\r\nx\r\n--b--\r\n'),

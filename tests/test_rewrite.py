@@ -19,6 +19,7 @@ from gateway.rewrite import (
     rewrite_json_body,
     strip_query_credential,
 )
+from tests.strategies import json_values
 
 TOKEN = "misskey-token-0123"  # noqa: S105
 
@@ -374,27 +375,14 @@ def test_query_duplicate_credential(query):
 
 # The orjson check of bodies without an ``i`` member against the scanner
 
-scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**80), max_value=2**80)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20)
-)
-values = st.recursive(
-    scalars,
-    lambda children: (
-        st.lists(children, max_size=4)
-        | st.dictionaries(st.text(max_size=6), children, max_size=4)
-    ),
-    max_leaves=15,
-)
 spacing = st.sampled_from(["", " ", "\n", "\t ", "\r\n  "])
 
 
 @settings(max_examples=300, deadline=None)
 @given(
-    document=st.dictionaries(st.text(max_size=6), values, max_size=6),
+    document=st.dictionaries(
+        st.text(max_size=6), json_values(text_size=20, leaves=15), max_size=6
+    ),
     before=spacing,
     after=spacing,
     ascii_only=st.booleans(),
