@@ -314,7 +314,7 @@ class FrontProtocol(asyncio.Protocol):
         # Set when the client has sent everything it will send.
         self._eof = False
         self._closed = False
-        # Set while the rest of an already answered request's body is read.
+        # Set while the rest of a body is read after its response was sent.
         self._discarding = False
         self._discard_timer: asyncio.TimerHandle | None = None
         # Keep-alive of the head being parsed.
@@ -351,8 +351,8 @@ class FrontProtocol(asyncio.Protocol):
         self._next_request()
 
     def eof_received(self) -> bool | None:
-        # Requests already buffered are still answered; then the connection
-        # closes.
+        # Requests already buffered still get their responses; then the
+        # connection closes.
         self._eof = True
         request = self._request
         if request is None or self._discarding:
@@ -536,7 +536,7 @@ class FrontProtocol(asyncio.Protocol):
         if content_length is None or content_length > self._front.max_body_size:
             return None
         if hosts != 1:
-            # RFC 9112 section 3.2: exactly one Host field; aiohttp answers 400.
+            # RFC 9112 section 3.2 requires one Host field; aiohttp responds 400.
             return None
         if media_type not in JSON_MEDIA_TYPES and not media_type.endswith("+json"):
             return None
@@ -587,8 +587,9 @@ class FrontProtocol(asyncio.Protocol):
             self.close()
             return
         if not request.body_complete:
-            # Answered before the body arrived: like aiohttp, read the rest of
-            # the body and drop it, so the connection stays usable.
+            # The response went out before the body arrived. Like aiohttp,
+            # read the rest of the body and drop it, so the connection stays
+            # usable.
             self._discarding = True
             self._discard_timer = self._loop.call_later(
                 self._front.body_timeout, self.close
@@ -656,9 +657,9 @@ class FrontProtocol(asyncio.Protocol):
 class FrontServer:
     """Protocol factory for the listening socket, wrapping aiohttp's ``Server``.
 
-    aiohttp's runner calls it to create each connection's protocol and calls
-    ``pre_shutdown`` and ``shutdown`` on it when the server stops; everything
-    else is passed through to aiohttp's server.
+    aiohttp's runner calls it to create each connection's protocol, and calls
+    ``pre_shutdown`` and ``shutdown`` on it when the server stops. Any other
+    attribute is read from aiohttp's server.
     """
 
     protocol_class: type[FrontProtocol] = FrontProtocol
