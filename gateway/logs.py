@@ -151,8 +151,7 @@ def log_info(logger: Any, event: str, fields: dict[str, Any]) -> None:
     fields["event"] = event
     fields["level"] = "info"
     fields["timestamp"] = output.timestamps.now()
-    for name in fields.keys() & SECRET_FIELDS:
-        fields[name] = REDACTED
+    redact_secrets(logger, "info", fields)
     output.line_logger.msg(orjson.dumps(fields, default=str))
 
 

@@ -186,18 +186,28 @@ def new_request_id(request: ClientRequest) -> str:
     return f"{_REQUEST_ID_PREFIX}{next(_request_counter):016x}"
 
 
+def error_content(error: GatewayError, request_id: str) -> tuple[bytes, dict[str, str]]:
+    """Return the body and headers of the response to an error of the gateway's own."""
+    headers = {"Content-Type": "application/json; charset=utf-8"}
+    headers.update(error.headers())
+    headers[REQUEST_ID_HEADER] = request_id
+    return json.dumps(error.envelope()).encode(), headers
+
+
+def closes_connection(error: GatewayError) -> bool:
+    """Return whether the response to ``error`` ends the client connection.
+
+    After a body timeout the rest of the body may still trickle in, and the
+    server should not wait for it.
+    """
+    return isinstance(error, RequestTimeout)
+
+
 def error_response(error: GatewayError, request_id: str) -> web.Response:
     """Build the client response for an error raised by the gateway itself."""
-    response = web.Response(
-        status=error.status,
-        body=json.dumps(error.envelope()).encode(),
-        content_type="application/json",
-        charset="utf-8",
-    )
-    response.headers.update(error.headers())
-    response.headers[REQUEST_ID_HEADER] = request_id
-    if isinstance(error, RequestTimeout):
-        # The rest of the body may still trickle in; do not wait for it.
+    body, headers = error_content(error, request_id)
+    response = web.Response(status=error.status, body=body, headers=headers)
+    if closes_connection(error):
         response.force_close()
     return response
 

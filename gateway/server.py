@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import time
 from collections.abc import Mapping
@@ -35,8 +34,13 @@ from multidict import CIMultiDict
 from gateway.app import PROXY_KEY
 from gateway.config import Settings
 from gateway.deadline import Deadline
-from gateway.errors import GatewayError, RequestTimeout
-from gateway.proxy import JSON_MEDIA_TYPES, REQUEST_ID_HEADER, ApiProxy
+from gateway.errors import GatewayError
+from gateway.proxy import (
+    JSON_MEDIA_TYPES,
+    ApiProxy,
+    closes_connection,
+    error_content,
+)
 from gateway.upstream import ClientDisconnected, UpstreamBodyFailed, response_fields
 from gateway.upstream_pool import BodyReadError, UpstreamResponse
 
@@ -176,14 +180,10 @@ class FastResponder:
             # The status line of another response is already out.
             self._connection.abort()
             return
-        body = json.dumps(error.envelope()).encode()
-        fields = [("Content-Type", "application/json; charset=utf-8")]
-        fields = _merge(fields, error.headers())
-        fields = _merge(fields, {REQUEST_ID_HEADER: request_id})
-        fields = _merge(fields, extra_headers)
-        if isinstance(error, RequestTimeout):
-            # The rest of the body may still trickle in; do not wait for it.
+        body, headers = error_content(error, request_id)
+        if closes_connection(error):
             self.keep_alive = False
+        fields = _merge(list(headers.items()), extra_headers)
         self._write_head(error.status, "", fields, len(body), body)
 
     def _write_head(
