@@ -84,8 +84,8 @@ class ServerSettings:
     # extended; from anyone else it is replaced by the peer's address.
     trusted_proxies: tuple[str, ...] = ()
     # Serve plain JSON API calls (POST /api/... with a JSON body of known
-    # length) on the gateway's lean HTTP/1.1 path instead of aiohttp's
-    # server; false leaves every request to aiohttp, at about half the speed.
+    # length) on the gateway's lean HTTP/1.1 server instead of aiohttp's.
+    # False leaves every request to aiohttp, at about half the speed.
     fast_path: bool = True
 
 

@@ -146,13 +146,12 @@ class FastRequest:
 class FastResponder:
     """Responder that writes HTTP/1.1 responses to a ``FrontProtocol``."""
 
-    __slots__ = ("status", "keep_alive", "_connection", "_started")
+    __slots__ = ("status", "keep_alive", "_connection")
 
     def __init__(self, connection: FrontProtocol, keep_alive: bool):
         self.status: int | None = None
         self.keep_alive = keep_alive
         self._connection = connection
-        self._started = False
 
     async def relay(
         self,
@@ -176,7 +175,7 @@ class FastResponder:
         self, error: GatewayError, request_id: str, extra_headers: Mapping[str, str]
     ) -> None:
         """Respond with the error envelope, or cut the connection if too late."""
-        if self._started:
+        if self.status is not None:
             # The status line of another response is already out.
             self._connection.abort()
             return
@@ -199,7 +198,6 @@ class FastResponder:
         The framing and default fields follow aiohttp's responses.
         """
         self.status = status
-        self._started = True
         if self._connection.closing:
             self.keep_alive = False
         lines = [f"HTTP/1.1 {status} {reason or _reason(status)}"]

@@ -45,7 +45,7 @@ async def test_store_down_on_recheck_releases_upstream(start_gateway, own_redis)
             "upstream.connect_timeout": 1.0,
         }
     )
-    # The fake Misskey does not know the stored token, so it answers 401
+    # The fake Misskey does not know the stored token, so it returns 401
     # AUTHENTICATION_FAILED and the gateway reads the store again.
     await gateway.store_token("alice", STORED)
     headers = gateway.bearer()
