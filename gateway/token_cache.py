@@ -27,6 +27,7 @@ from gateway.apikeys import ApiKeyRecord
 from gateway.errors import StoreUnavailable
 from gateway.grants import MiAuthSession, OAuthClientRecord
 from gateway.metrics import (
+    BATCH,
     ROTATIONS,
     TOKEN_CACHE_HIT,
     TOKEN_CACHE_MISS,
@@ -119,7 +120,7 @@ class CachedTokenStore:
         entry = self._entries.get(principal)
         if entry is not None and now < entry.expires_at:
             self.hits += 1
-            TOKEN_CACHE_HIT.inc()
+            BATCH.inc(TOKEN_CACHE_HIT)
             return entry.token
 
         self.misses += 1

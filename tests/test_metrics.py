@@ -11,10 +11,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 import redis.asyncio as redis
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import MULTIPROC_DIR_ENV
+from gateway.metrics import MULTIPROC_DIR_ENV, MetricsBatch, observe_all
 from tests.conftest import JWT_SECRET, free_port
 
 redis_only = pytest.mark.parametrize("store_backend", ["redis"], indirect=True)
@@ -41,6 +42,60 @@ async def scrape(client) -> Samples:
     assert response.status == 200
     assert response.headers["Content-Type"].startswith("text/plain")
     return parse_samples(await response.text())
+
+
+# Batched updates
+
+
+BOUNDS = (0.005, 0.01, 0.5, 1, 30)
+# Values on, between, below and above the bounds, and a negative one.
+OBSERVED = [0.0, 0.005, 0.0050001, 0.007, 0.01, 0.3, 1.0, 29.99, 30.0, 31.0, 1e9, -2.0]
+
+
+def histogram_samples(values: list[float], together: bool) -> Samples:
+    """Return the samples of a histogram of ``values``, without its creation time."""
+    registry = CollectorRegistry()
+    histogram = Histogram("t", "Test histogram.", buckets=BOUNDS, registry=registry)
+    if together:
+        observe_all(histogram, values)
+    else:
+        for observed in values:
+            histogram.observe(observed)
+    samples = parse_samples(generate_latest(registry).decode())
+    return {key: got for key, got in samples.items() if key[0] != "t_created"}
+
+
+def test_observe_all_matches_observe():
+    together = histogram_samples(OBSERVED, together=True)
+
+    assert together == histogram_samples(OBSERVED, together=False)
+    assert value(together, "t_count") == len(OBSERVED)
+
+
+async def test_batch_applied_before_next_events():
+    registry = CollectorRegistry()
+    counter = Counter("batched", "Test counter.", registry=registry)
+    histogram = Histogram("waits", "Test histogram.", buckets=BOUNDS, registry=registry)
+    batch = MetricsBatch(histogram)
+    for _ in range(3):
+        batch.inc(counter)
+    batch.observe(0.3)
+    before = registry.get_sample_value("batched_total")
+    await asyncio.sleep(0)
+
+    assert before == 0
+    assert registry.get_sample_value("batched_total") == 3
+    assert registry.get_sample_value("waits_bucket", {"le": "0.5"}) == 1
+    assert registry.get_sample_value("waits_sum") == 0.3
+
+
+def test_batch_outside_event_loop_applied_at_once():
+    registry = CollectorRegistry()
+    counter = Counter("direct", "Test counter.", registry=registry)
+    batch = MetricsBatch(Histogram("unused", "Test.", registry=registry))
+    batch.inc(counter)
+
+    assert registry.get_sample_value("direct_total") == 1
 
 
 async def test_metrics_count_requests_by_endpoint(gateway):
