@@ -57,7 +57,10 @@ class LineLogger:
 
     def msg(self, message: str | bytes) -> None:
         data = message if isinstance(message, bytes) else message.encode()
-        data += b"\n"
+        self.write_line(data + b"\n")
+
+    def write_line(self, data: bytes) -> None:
+        """Write ``data``, one or more whole lines each ending with a newline."""
         if self._fd is None:
             self._stream.write(data.decode())
             return
@@ -99,19 +102,30 @@ class LineLogger:
 
 
 class Timestamps:
-    """ISO 8601 UTC timestamps in milliseconds; the part up to the second is cached."""
+    """ISO 8601 UTC timestamps in milliseconds, each text made once.
+
+    A busy gateway logs many lines per millisecond, so the last timestamp is
+    kept, and the part up to the second is kept as well.
+    """
 
     def __init__(self) -> None:
         self._second = -1
         self._prefix = ""
+        self._millisecond = -1
+        self._text = ""
 
     def now(self) -> str:
         now = time.time()
-        second = int(now)
+        millisecond = int(now * 1000)
+        if millisecond == self._millisecond:
+            return self._text
+        second, fraction = divmod(millisecond, 1000)
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int((now - second) * 1000):03d}Z"
+        self._millisecond = millisecond
+        self._text = f"{self._prefix}.{fraction:03d}Z"
+        return self._text
 
     def processor(
         self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
@@ -133,6 +147,12 @@ class _JsonLines:
 _json_lines: _JsonLines | None = None
 
 
+def info_enabled() -> bool:
+    """Return whether info events are logged, to skip preparing those that are not."""
+    output = _json_lines
+    return output is None or output.level <= logging.INFO
+
+
 def log_info(logger: Any, event: str, fields: dict[str, Any]) -> None:
     """Log an info event, rendered without structlog's chain when output is JSON.
 
@@ -151,8 +171,11 @@ def log_info(logger: Any, event: str, fields: dict[str, Any]) -> None:
     fields["event"] = event
     fields["level"] = "info"
     fields["timestamp"] = output.timestamps.now()
-    redact_secrets(logger, "info", fields)
-    output.line_logger.msg(orjson.dumps(fields, default=str))
+    if not SECRET_FIELDS.isdisjoint(fields):
+        redact_secrets(logger, "info", fields)
+    output.line_logger.write_line(
+        orjson.dumps(fields, default=str, option=orjson.OPT_APPEND_NEWLINE)
+    )
 
 
 def configure_logging(

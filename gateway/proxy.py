@@ -41,7 +41,7 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.jwks import JwksKeySet
-from gateway.logs import log_info
+from gateway.logs import info_enabled, log_info
 from gateway.metrics import STORE_ERRORS, RequestMetrics
 from gateway.multipart import MultipartRewriter, parse_boundary
 from gateway.policy import EndpointPolicy, Mode, PolicyTable, endpoint_from_path
@@ -335,16 +335,20 @@ class ApiProxy:
             )
 
     def _log_request(self, log: RequestLog, status: int | None) -> None:
-        duration_ms = (time.perf_counter() - log.started) * 1000
+        if not info_enabled():
+            return
+        # Milliseconds to three decimals: round(x * 1000) / 1000 rounds like
+        # round(x, 3) at a third of the cost.
+        duration_us = round((time.perf_counter() - log.started) * 1_000_000)
         fields: dict[str, Any] = {
             "request_id": log.request_id,
             "method": log.method,
             "status": status,
-            "duration_ms": round(duration_ms, 3),
+            "duration_ms": duration_us / 1000,
+            **log.fields,
         }
-        fields.update(log.fields)
         for name, value in log.timings.items():
-            fields[name] = round(value, 3)
+            fields[name] = round(value * 1000) / 1000
         log_info(logger, "request", fields)
 
     async def _handle(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
 
+from gateway.logs import Timestamps
 from tests.conftest import JWT_SECRET
 
 STORED = "misskey-token-alice"
@@ -70,3 +72,24 @@ async def test_secret_fields_redacted(log_output):
     assert event["token"] == "[redacted]"
     assert event["secret"] == "[redacted]"
     assert event["kept"] == "ghi"
+
+
+def test_timestamps_in_utc_milliseconds(monkeypatch):
+    clock = iter([1796425200.0004, 1796425200.0009, 1796425200.9996, 1796425261.25])
+    monkeypatch.setattr(time, "time", lambda: next(clock))
+    timestamps = Timestamps()
+
+    assert [timestamps.now() for _ in range(4)] == [
+        "2026-12-04T23:00:00.000Z",
+        "2026-12-04T23:00:00.000Z",
+        "2026-12-04T23:00:00.999Z",
+        "2026-12-04T23:01:01.250Z",
+    ]
+
+
+async def test_durations_have_three_decimals(log_output, gateway):
+    await gateway.client.post("/api/i", json={}, headers=gateway.bearer())
+    event = [e for e in events(log_output) if e["event"] == "request"][0]
+
+    for name in ("duration_ms", "upstream_ms", "upstream_headers_ms", "store_ms"):
+        assert round(event[name], 3) == event[name], name
