@@ -380,7 +380,8 @@ class ApiProxy:
         query = strip_query_credential(raw_query)
         header_credential = self._header_credential(request)
         body: JsonBody | None = None
-        if method == "POST" and _media_type(request) == "multipart/form-data":
+        media_type = _media_type(request)
+        if method == "POST" and media_type == "multipart/form-data":
             if not isinstance(request, web.Request):
                 # The lean server passes uploads on to aiohttp's server.
                 raise TypeError("multipart uploads need aiohttp's request object")
@@ -409,15 +410,8 @@ class ApiProxy:
             policy, principal, log, fetch=body is not None or self._token_in_header
         )
 
-        base_headers = forward_request_headers(request.headers)
-        if body is not None and _media_type(request) in ("", "text/plain"):
-            base_headers = [
-                (n, v) for n, v in base_headers if n.lower() != "content-type"
-            ]
-            base_headers.append(("Content-Type", "application/json"))
-        base_headers.append(("X-Forwarded-For", self.forwarded_for(request)))
-        base_headers.append(("X-Forwarded-Proto", request.scheme))
-        base_headers.append((REQUEST_ID_HEADER, log.request_id))
+        shared = self._upstream_fields(request, media_type, body is not None)
+        base_headers = [(REQUEST_ID_HEADER, log.request_id)]
         headers, forwarded_body = self._with_token(base_headers, body, token)
         log.fields["token_injected"] = token is not None
 
@@ -427,7 +421,7 @@ class ApiProxy:
         extra_headers = {REQUEST_ID_HEADER: log.request_id}
         upstream_started = time.perf_counter()
         upstream = await self._relay.send(
-            method, target, headers, forwarded_body, log.timings
+            method, target, headers, forwarded_body, log.timings, shared
         )
         prefetched: bytes | None = None
         if (
@@ -441,7 +435,7 @@ class ApiProxy:
                 upstream.release()
                 headers, forwarded_body = self._with_token(base_headers, body, retry)
                 upstream = await self._relay.send(
-                    method, target, headers, forwarded_body, log.timings
+                    method, target, headers, forwarded_body, log.timings, shared
                 )
             else:
                 prefetched = retry

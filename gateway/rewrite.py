@@ -43,7 +43,9 @@ class JsonBody:
     ``members`` contains the ``(start, end)`` character offsets of every top-level
     member in ``text``; ``credential_member`` is the index of the ``i`` member.
     A body known to have no ``i`` member may leave ``members`` empty and give
-    only ``member_count``.
+    only ``member_count``; it then keeps the body as received in ``raw``, and
+    ``text`` and ``open_brace`` are left empty and 0 (a ``raw`` body needs no
+    decoding, as only its leading whitespace is looked at).
     """
 
     text: str
@@ -52,6 +54,7 @@ class JsonBody:
     credential_member: int | None = None
     credential: Any = None
     member_count: int | None = None
+    raw: bytes | None = None
 
     @property
     def has_credential_field(self) -> bool:
@@ -96,8 +99,7 @@ def _parse_without_credential(body: bytes) -> JsonBody | None:
         return None
     if not isinstance(document, dict):
         return None
-    text = body.decode("utf-8")
-    return JsonBody(text=text, open_brace=_skip(text, 0), member_count=len(document))
+    return JsonBody(text="", open_brace=0, member_count=len(document), raw=body)
 
 
 def _scan_object(text: str) -> JsonBody:
@@ -174,6 +176,15 @@ def _raise_invalid(text: str, position: int, reason: str) -> Any:
 
 def rewrite_json_body(parsed: JsonBody, token: str | None) -> bytes:
     """Return the body with ``i`` removed, then set to ``token`` if given."""
+    raw = parsed.raw
+    if raw is not None:
+        # No ``i`` member to remove: insert one after the opening brace, which
+        # only JSON whitespace (ASCII) precedes.
+        if token is None:
+            return raw
+        insert_at = len(raw) - len(raw.lstrip(b" \t\n\r")) + 1
+        member = _credential_member(token) + ("," if parsed.member_count else "")
+        return raw[:insert_at] + member.encode("utf-8") + raw[insert_at:]
     text = parsed.text
     members = parsed.members
     index = parsed.credential_member
@@ -214,6 +225,9 @@ class QueryRewrite:
     credential: str | None
 
 
+NO_QUERY = QueryRewrite("", None)
+
+
 def strip_query_credential(query: str) -> QueryRewrite:
     """Remove every ``i`` parameter from a raw query string.
 
@@ -221,7 +235,7 @@ def strip_query_credential(query: str) -> QueryRewrite:
     parameter is refused, because it would be ambiguous which one counts.
     """
     if not query:
-        return QueryRewrite("", None)
+        return NO_QUERY
     kept: list[str] = []
     credential: str | None = None
     seen = False
