@@ -180,8 +180,8 @@ _request_counter = itertools.count(1)
 
 
 def new_request_id(request: ClientRequest) -> str:
-    candidate = request.headers.get(REQUEST_ID_HEADER, "")
-    if REQUEST_ID_PATTERN.fullmatch(candidate):
+    candidate = request.headers.get(REQUEST_ID_HEADER)
+    if candidate is not None and REQUEST_ID_PATTERN.fullmatch(candidate):
         return candidate
     return f"{_REQUEST_ID_PREFIX}{next(_request_counter):016x}"
 
@@ -396,7 +396,7 @@ class ApiProxy:
             )
             return
         if method == "POST":
-            body = parse_json_body(await self._read_body(request))
+            body = parse_json_body(await self._read_body(request, media_type))
             credential = self._pick_credential(
                 header_credential, self._body_credential(body)
             )
@@ -404,7 +404,8 @@ class ApiProxy:
             credential = self._pick_credential(header_credential, query.credential)
 
         principal = await self._identify(credential, log)
-        await self._check_rate_limit(principal)
+        if self._limiter is not None:
+            await self._check_rate_limit(principal)
         # GET requests carry a token only as a header, for the reason above.
         token = await self._authorize(
             policy, principal, log, fetch=body is not None or self._token_in_header
@@ -442,6 +443,33 @@ class ApiProxy:
         log.fields["upstream_status"] = upstream.status
         await responder.relay(upstream, extra_headers, prefetched)
         log.timings["upstream_ms"] = (time.perf_counter() - upstream_started) * 1000
+
+    def _upstream_fields(
+        self, request: ClientRequest, media_type: str, json_body: bool
+    ) -> tuple[tuple[str, str], ...]:
+        """Return the fields to send upstream but the request id and the token.
+
+        They depend only on the request head and the connection, so the lean
+        server's requests with the same head on one connection share them
+        through ``request.memo`` (see ``gateway.server.ParsedHead``), and the
+        upstream client encodes them once (``UpstreamPool.request``).
+        """
+        memo: dict[str, Any] | None = getattr(request, "memo", None)
+        key = "upstream_fields" if json_body else "upstream_fields_without_body"
+        if memo is not None:
+            cached: tuple[tuple[str, str], ...] | None = memo.get(key)
+            if cached is not None:
+                return cached
+        fields = forward_request_headers(request.headers)
+        if json_body and media_type in ("", "text/plain"):
+            fields = [(n, v) for n, v in fields if n.lower() != "content-type"]
+            fields.append(("Content-Type", "application/json"))
+        fields.append(("X-Forwarded-For", self.forwarded_for(request)))
+        fields.append(("X-Forwarded-Proto", request.scheme))
+        shared = tuple(fields)
+        if memo is not None:
+            memo[key] = shared
+        return shared
 
     async def _token_rejected(
         self,
@@ -613,8 +641,7 @@ class ApiProxy:
             # inflating it, which the gateway does not do.
             raise UnsupportedMediaType("Compressed request bodies are not supported.")
 
-    async def _read_body(self, request: ClientRequest) -> bytes:
-        media_type = _media_type(request)
+    async def _read_body(self, request: ClientRequest, media_type: str) -> bytes:
         if media_type not in JSON_MEDIA_TYPES and not media_type.endswith("+json"):
             raise UnsupportedMediaType(
                 f"Unsupported content type {media_type!r}; send application/json."

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import time
 from collections.abc import Mapping
 from email.utils import formatdate
 from http import HTTPStatus
+from types import MappingProxyType
 from typing import Any, cast
 
 import httptools
@@ -65,10 +67,13 @@ MAX_PLAIN_FIELDS = 100
 # Bytes buffered from a client while a request is in progress before the
 # server stops reading from it.
 MAX_BUFFERED = 256 * 1024
+# Starts of a Content-Length line, in the spellings clients send.
+CONTENT_LENGTH_STARTS = (b"\r\nContent-Length:", b"\r\ncontent-length:")
 # Statuses whose responses have no body (RFC 9110 sections 6.4.1 and 15.3.5).
 NO_BODY_STATUSES = frozenset({204, 304})
 # Fields the server writes itself from the body it sends.
 FRAMING_FIELDS = frozenset({"content-length", "transfer-encoding"})
+EMPTY_FIELDS: Mapping[str, str] = MappingProxyType({})
 
 
 class FastRequest:
@@ -82,6 +87,7 @@ class FastRequest:
         "content_type",
         "keep_alive",
         "body_timeout",
+        "memo",
         "_body",
         "_body_arrived",
         "_lost",
@@ -99,6 +105,7 @@ class FastRequest:
         content_type: str,
         keep_alive: bool,
         body_timeout: float,
+        memo: dict[str, Any] | None = None,
     ):
         self.raw_path = raw_path
         self.headers = headers
@@ -107,6 +114,9 @@ class FastRequest:
         self.content_type = content_type
         self.keep_alive = keep_alive
         self.body_timeout = body_timeout
+        # What the request path derived from an earlier request with the
+        # same head on this connection, and may reuse; shared between them.
+        self.memo = memo
         self._body: bytes | None = None
         self._body_arrived: asyncio.Future[None] | None = None
         self._lost = False
@@ -143,6 +153,59 @@ class FastRequest:
         return self._body
 
 
+class ParsedHead:
+    """The parse of a plain request head, kept to parse the next head faster.
+
+    A client on a keep-alive connection sends nearly the same head with every
+    call: the same target or a few, the same credential, the same content
+    type; often only Content-Length differs. ``key`` is the head without the
+    Content-Length value, and a later head with the same key is the same
+    request head but for that value, so it needs no parsing but of the value.
+    """
+
+    __slots__ = (
+        "key",
+        "target",
+        "fields",
+        "length_index",
+        "media_type",
+        "keep_alive",
+        "memo",
+    )
+
+    def __init__(
+        self,
+        key: bytes,
+        target: str,
+        fields: list[tuple[str, str]],
+        length_index: int,
+        media_type: str,
+        keep_alive: bool,
+    ):
+        self.key = key
+        self.target = target
+        self.fields = fields
+        self.length_index = length_index
+        self.media_type = media_type
+        self.keep_alive = keep_alive
+        # Given to every request with this head, as ``FastRequest.memo``.
+        self.memo: dict[str, Any] = {}
+
+
+def _split_length(head: bytes) -> tuple[bytes, bytes] | None:
+    """Return the head without its first Content-Length value, and that value."""
+    for start in CONTENT_LENGTH_STARTS:
+        found = head.find(start)
+        if found >= 0:
+            value_start = found + len(start)
+            value_end = head.find(b"\r\n", value_start)
+            return (
+                head[:value_start] + head[value_end:],
+                head[value_start:value_end].strip(b" \t"),
+            )
+    return None
+
+
 class FastResponder:
     """Responder that writes HTTP/1.1 responses to a ``FrontProtocol``."""
 
@@ -161,13 +224,15 @@ class FastResponder:
     ) -> None:
         """Relay an upstream response, in one write when its body is here."""
         try:
-            fields = _merge(response_fields(upstream.headers), extra_headers)
+            fields = response_fields(upstream.headers)
             status = upstream.status
             body = prefetched if prefetched is not None else upstream.body_if_complete()
             if body is not None:
-                self._write_head(status, upstream.reason, fields, len(body), body)
+                self._write_head(
+                    status, upstream.reason, fields, len(body), body, extra_headers
+                )
             else:
-                await self._stream(upstream, status, fields)
+                await self._stream(upstream, status, fields, extra_headers)
         finally:
             upstream.release()
 
@@ -182,8 +247,8 @@ class FastResponder:
         body, headers = error_content(error, request_id)
         if closes_connection(error):
             self.keep_alive = False
-        fields = _merge(list(headers.items()), extra_headers)
-        self._write_head(error.status, "", fields, len(body), body)
+        fields = list(headers.items())
+        self._write_head(error.status, "", fields, len(body), body, extra_headers)
 
     def _write_head(
         self,
@@ -192,9 +257,11 @@ class FastResponder:
         fields: list[tuple[str, str]],
         length: int | None,
         body: bytes = b"",
+        extra: Mapping[str, str] = EMPTY_FIELDS,
     ) -> None:
-        """Write the status line and header fields, and ``body`` with them.
+        """Write the status line, ``fields`` and ``extra``, and ``body`` with them.
 
+        A field of ``extra`` replaces those of ``fields`` with the same name.
         The framing and default fields follow aiohttp's responses.
         """
         self.status = status
@@ -202,7 +269,14 @@ class FastResponder:
             self.keep_alive = False
         lines = [f"HTTP/1.1 {status} {reason or _reason(status)}"]
         present = set()
+        skipped = _skipped_fields(tuple(extra)) if extra else FRAMING_FIELDS
         for name, value in fields:
+            lowered = name.lower()
+            if lowered in skipped:
+                continue
+            present.add(lowered)
+            lines.append(f"{name}: {value}")
+        for name, value in extra.items():
             lowered = name.lower()
             if lowered in FRAMING_FIELDS:
                 continue
@@ -227,12 +301,16 @@ class FastResponder:
         self._connection.write("\r\n".join(lines).encode("latin-1") + body)
 
     async def _stream(
-        self, upstream: UpstreamResponse, status: int, fields: list[tuple[str, str]]
+        self,
+        upstream: UpstreamResponse,
+        status: int,
+        fields: list[tuple[str, str]],
+        extra: Mapping[str, str],
     ) -> None:
         """Write the body as it arrives: with its length if known, else chunked."""
         length = upstream.content_length
         chunked = length is None and status not in NO_BODY_STATUSES and status >= 200
-        self._write_head(status, upstream.reason, fields, length)
+        self._write_head(status, upstream.reason, fields, length, b"", extra)
         connection = self._connection
         try:
             async for chunk in upstream.iter_body():
@@ -252,16 +330,14 @@ class FastResponder:
             connection.write(b"0\r\n\r\n")
 
 
-def _merge(
-    fields: list[tuple[str, str]], extra: Mapping[str, str]
-) -> list[tuple[str, str]]:
-    """Return ``fields`` with ``extra`` replacing the fields of the same names."""
-    if not extra:
-        return fields
-    names = {name.lower() for name in extra}
-    merged = [(name, value) for name, value in fields if name.lower() not in names]
-    merged.extend(extra.items())
-    return merged
+@functools.lru_cache(maxsize=16)
+def _skipped_fields(extra_names: tuple[str, ...]) -> frozenset[str]:
+    """Return the names of fields not written when ``extra_names`` are added.
+
+    The gateway adds the same few names (X-Request-Id, CORS fields) to every
+    response, so the result is cached.
+    """
+    return FRAMING_FIELDS | {name.lower() for name in extra_names}
 
 
 _date_second = 0
@@ -318,6 +394,8 @@ class FrontProtocol(asyncio.Protocol):
         # Keep-alive of the head being parsed.
         self._keep_alive = False
         self._parser: httptools.HttpRequestParser | None = None
+        # The last plain head, to recognise the next one (see ParsedHead).
+        self._last_head: ParsedHead | None = None
 
     # asyncio.Protocol
 
@@ -466,7 +544,8 @@ class FrontProtocol(asyncio.Protocol):
         if head_end > MAX_PLAIN_HEAD:
             self._hand_off()
             return
-        request = self._parse_head(bytes(buffer[:head_end]))
+        head = bytes(buffer[:head_end])
+        request = self._reuse_head(head) or self._parse_head(head)
         if request is None:
             self._hand_off()
             return
@@ -476,6 +555,36 @@ class FrontProtocol(asyncio.Protocol):
         self._take_body()
         responder = FastResponder(self, request.keep_alive)
         self._task = self._loop.create_task(self._serve(request, responder))
+
+    def _reuse_head(self, head: bytes) -> FastRequest | None:
+        """Return the request if ``head`` is the last plain head but for its length."""
+        last = self._last_head
+        if last is None:
+            return None
+        split = _split_length(head)
+        if split is None or split[0] != last.key:
+            return None
+        value = split[1]
+        # Everything else was checked with the last head; the value is still
+        # to be checked as ``_parse_head`` would.
+        if not value.isdigit():
+            return None
+        content_length = int(value)
+        if content_length > self._front.max_body_size:
+            return None
+        fields = last.fields.copy()
+        name = fields[last.length_index][0]
+        fields[last.length_index] = (name, value.decode("ascii"))
+        return FastRequest(
+            last.target,
+            CIMultiDict(fields),
+            self._remote,
+            content_length,
+            last.media_type,
+            last.keep_alive,
+            self._front.body_timeout,
+            last.memo,
+        )
 
     def _parse_head(self, head: bytes) -> FastRequest | None:
         """Return the request a head starts, or None if it is not plain.
@@ -507,6 +616,7 @@ class FrontProtocol(asyncio.Protocol):
 
         fields: list[tuple[str, str]] = []
         content_length: int | None = None
+        length_index = 0
         media_type = ""
         hosts = 0
         for line in lines[1:]:
@@ -524,6 +634,7 @@ class FrontProtocol(asyncio.Protocol):
                 if content_length is not None or not value.isdigit():
                     return None
                 content_length = int(value)
+                length_index = len(fields)
             elif lowered == "content-type":
                 if media_type:
                     return None
@@ -539,6 +650,14 @@ class FrontProtocol(asyncio.Protocol):
         if media_type not in JSON_MEDIA_TYPES and not media_type.endswith("+json"):
             return None
 
+        memo = None
+        split = _split_length(head)
+        if split is not None:
+            parsed = ParsedHead(
+                split[0], target, fields, length_index, media_type, self._keep_alive
+            )
+            self._last_head = parsed
+            memo = parsed.memo
         return FastRequest(
             target,
             CIMultiDict(fields),
@@ -547,6 +666,7 @@ class FrontProtocol(asyncio.Protocol):
             media_type,
             self._keep_alive,
             self._front.body_timeout,
+            memo,
         )
 
     def _take_body(self) -> None:
@@ -570,7 +690,8 @@ class FrontProtocol(asyncio.Protocol):
             await proxy.serve(request, responder)
             # Like aiohttp: no next request until a slow client has taken
             # most of this response, so pipelined responses cannot pile up.
-            await self.drain()
+            if self._write_paused or self._closed:
+                await self.drain()
         except (ClientDisconnected, UpstreamBodyFailed):
             self.abort()
         except Exception:

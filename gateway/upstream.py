@@ -160,14 +160,19 @@ class Relay:
         headers: list[tuple[str, str]],
         body: bytes | None,
         timings: dict[str, float],
+        shared: tuple[tuple[str, str], ...] = (),
     ) -> UpstreamResponse:
         """Send the request upstream; return once the response headers arrived.
 
+        ``shared`` are fields sent before ``headers`` that many requests share
+        (see ``UpstreamPool.request``).
         Raises UpstreamUnavailable or UpstreamTimeout when no response came.
         The caller must pass the result to ``respond`` or release it.
         """
         started = time.perf_counter()
-        upstream = await self._pool.request(method, path_and_query, headers, body)
+        upstream = await self._pool.request(
+            method, path_and_query, headers, body, shared
+        )
         timings["upstream_headers_ms"] = (time.perf_counter() - started) * 1000
         return upstream
 

@@ -29,6 +29,12 @@ import httptools
 from gateway.deadline import Deadline
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 
+# Distinct sets of shared request fields whose encoding is kept, and the
+# longest encoding kept: at most about 1 MiB in all. The shared fields never
+# contain a credential, because the token travels in the body or in the
+# fields of each request.
+MAX_ENCODED_FIELDS = 256
+MAX_ENCODED_LENGTH = 2048
 # Bytes of response body buffered before the client side is read from again.
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
@@ -403,6 +409,8 @@ class UpstreamPool:
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(max_connections)
         self._all: set[_Connection] = set()
+        # Encoded field lines of the shared fields of recent requests.
+        self._encoded: dict[tuple[tuple[str, str], ...], str] = {}
 
     async def request(
         self,
@@ -410,14 +418,18 @@ class UpstreamPool:
         target: str,
         headers: list[tuple[str, str]],
         body: bytes | None,
+        shared: tuple[tuple[str, str], ...] = (),
     ) -> UpstreamResponse:
         """Send one request and return once the response headers have arrived.
 
+        ``shared`` are header fields sent before ``headers``: those that many
+        requests have in common, such as a client's forwarded fields. Their
+        encoding is kept for the next requests with the same ones.
         Raises UpstreamUnavailable when no connection can be made or the
         connection fails before the headers, and UpstreamTimeout when the
         connection or the headers take longer than the timeouts.
         """
-        head = self._encode_head(method, target, headers, body)
+        head = self._encode_head(method, target, headers, body, shared=shared)
         connection = await self._acquire()
         response = connection.send(head + body if body else head, method)
         return await _wait_for_headers(response)
@@ -473,15 +485,29 @@ class UpstreamPool:
         headers: list[tuple[str, str]],
         body: bytes | None,
         chunked: bool = False,
+        shared: tuple[tuple[str, str], ...] = (),
     ) -> bytes:
         lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host_header}"]
-        lines.extend(f"{name}: {value}" for name, value in headers)
+        if shared:
+            lines.append(self._encode_shared(shared))
+        lines.extend([f"{name}: {value}" for name, value in headers])
         if chunked:
             lines.append("Transfer-Encoding: chunked")
         elif body is not None:
             lines.append(f"Content-Length: {len(body)}")
         lines.append("\r\n")
         return "\r\n".join(lines).encode("latin-1")
+
+    def _encode_shared(self, shared: tuple[tuple[str, str], ...]) -> str:
+        """Return the field lines of ``shared``, without the final line end."""
+        encoded = self._encoded.get(shared)
+        if encoded is None:
+            encoded = "\r\n".join([f"{name}: {value}" for name, value in shared])
+            if len(encoded) <= MAX_ENCODED_LENGTH:
+                if len(self._encoded) >= MAX_ENCODED_FIELDS:
+                    self._encoded.clear()
+                self._encoded[shared] = encoded
+        return encoded
 
     async def _acquire(self) -> _Connection:
         now = time.monotonic()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from gateway.upstream_pool import MAX_ENCODED_FIELDS, MAX_ENCODED_LENGTH, UpstreamPool
 from tests.http_raw import send_raw
 
 STORED = "misskey-token-alice"
@@ -629,3 +630,53 @@ async def test_long_string_and_big_numbers_kept(gateway):
 
     assert response.status == 200
     assert sent.body == b'{"i":"' + STORED.encode() + b'",' + body[1:]
+
+
+# Shared fields: the forwarded fields of a request, encoded once by the
+# upstream client for later requests that forward the same ones.
+
+
+async def test_shared_fields_encoded_in_order():
+    pool = UpstreamPool("http://upstream.test:8080", 1, 1.0, 1.0)
+    shared = (("User-Agent", "client/1"), ("X-Forwarded-For", "127.0.0.1"))
+    heads = [
+        pool._encode_head(
+            "POST", "/api/i", [("X-Request-Id", rid)], b"{}", shared=shared
+        )
+        for rid in ("a", "b")
+    ]
+
+    assert heads == [
+        b"POST /api/i HTTP/1.1\r\nHost: upstream.test:8080\r\n"
+        b"User-Agent: client/1\r\nX-Forwarded-For: 127.0.0.1\r\n"
+        b"X-Request-Id: " + rid + b"\r\nContent-Length: 2\r\n\r\n"
+        for rid in (b"a", b"b")
+    ]
+
+
+async def test_shared_field_encodings_bounded():
+    pool = UpstreamPool("http://upstream.test", 1, 1.0, 1.0)
+    for n in range(MAX_ENCODED_FIELDS + 10):
+        pool._encode_head("POST", "/api/i", [], b"", shared=(("X-N", str(n)),))
+    long_value = "v" * MAX_ENCODED_LENGTH
+    head = pool._encode_head(
+        "POST", "/api/i", [], b"", shared=(("X-Long", long_value),)
+    )
+
+    assert len(pool._encoded) <= MAX_ENCODED_FIELDS
+    assert f"X-Long: {long_value}\r\n".encode() in head
+    assert all("X-Long" not in encoded for encoded in pool._encoded.values())
+
+
+async def test_distinct_forwarded_fields_each_arrive(gateway):
+    for n in range(3):
+        response = await gateway.client.post(
+            "/api/meta", json={}, headers={"X-Client-Build": str(n)}
+        )
+        assert response.status == 200
+
+    assert [r.headers["X-Client-Build"] for r in gateway.fake.requests_to("meta")] == [
+        "0",
+        "1",
+        "2",
+    ]

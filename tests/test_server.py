@@ -274,6 +274,110 @@ async def test_not_plain_handed_off(gateway, request_bytes):
     assert lean_connections == 0
 
 
+# Repeated heads: a head equal to the last one on the connection but for its
+# Content-Length value reuses the last parse (gateway.server.ParsedHead).
+
+
+def with_length(request: bytes, value: bytes) -> bytes:
+    """Return ``request`` with its Content-Length value replaced, body unchanged."""
+    head, separator, body = request.partition(b"\r\n\r\n")
+    lines = [
+        b"Content-Length: " + value if line.startswith(b"Content-Length:") else line
+        for line in head.split(b"\r\n")
+    ]
+    return b"\r\n".join(lines) + separator + body
+
+
+async def test_repeated_head_new_length_and_body(gateway):
+    headers = [JSON, bearer(gateway), ("X-Client", "repeat")]
+    bodies = [b'{"n":1}', b'{"n":22,"text":"longer"}', b'{"n":3}', b"{}"]
+    connection = await Connection.open(gateway)
+    responses = []
+    for body in bodies:
+        await connection.send(http_request("/api/notes/show", body, headers))
+        responses.append(await connection.response())
+    connection.close()
+
+    received = gateway.fake.requests_to("notes/show")
+    assert [r.status for r in responses] == [200] * 4
+    assert [r.json for r in received] == [
+        {"i": STORED, "n": 1},
+        {"i": STORED, "n": 22, "text": "longer"},
+        {"i": STORED, "n": 3},
+        {"i": STORED},
+    ]
+    assert [int(r.headers["Content-Length"]) for r in received] == [
+        len(r.body) for r in received
+    ]
+    assert all(r.headers["X-Client"] == "repeat" for r in received)
+    # Each request has its own id, though the rest of the fields are shared.
+    assert len({r.headers["X-Request-Id"] for r in received}) == 4
+
+
+async def test_repeated_head_other_credential(start_gateway):
+    gateway = await start_with_token(start_gateway)
+    gateway.fake.add_token("misskey-token-bob", "bob")
+    await gateway.store_token("bob", "misskey-token-bob")
+    connection = await Connection.open(gateway)
+    statuses = []
+    for credential in [bearer(gateway), bearer(gateway, "bob"), bearer(gateway)]:
+        await connection.send(http_request("/api/i", b"{}", [JSON, credential]))
+        statuses.append((await connection.response()).status)
+    await connection.send(
+        http_request("/api/i", b"{}", [JSON, ("Authorization", "Bearer nonsense")])
+    )
+    refused = await connection.response()
+    connection.close()
+
+    assert statuses == [200, 200, 200]
+    assert [r.json["i"] for r in gateway.fake.requests_to("i")] == [
+        STORED,
+        "misskey-token-bob",
+        STORED,
+    ]
+    assert refused.status == 401
+
+
+@pytest.mark.parametrize(
+    ("value", "status"),
+    [
+        pytest.param(b"2x", 400, id="not-digits"),
+        pytest.param(b"-2", 400, id="negative"),
+        pytest.param(b"99999999", 413, id="over-limit"),
+    ],
+)
+async def test_repeated_head_bad_length(start_gateway, value, status):
+    gateway = await start_with_token(start_gateway, **{"server.max_body_size": 1024})
+    request = http_request("/api/notes/show", b"{}", [JSON, bearer(gateway)])
+    connection = await Connection.open(gateway)
+    await connection.send(request)
+    first = await connection.response()
+    await connection.send(with_length(request, value))
+    second = await read_head(connection.reader)
+    connection.close()
+
+    assert first.status == 200
+    assert second.status == status
+    assert len(gateway.fake.requests_to("notes/show")) == 1
+
+
+async def test_repeated_head_other_forwarded_for(start_gateway):
+    gateway = await start_gateway(**{"server.trusted_proxies": ["127.0.0.0/8"]})
+    connection = await Connection.open(gateway)
+    for address in ["203.0.113.9", "198.51.100.7", "203.0.113.9"]:
+        await connection.send(
+            http_request("/api/meta", b"{}", [JSON, ("X-Forwarded-For", address)])
+        )
+        assert (await connection.response()).status == 200
+    connection.close()
+
+    assert [r.headers["X-Forwarded-For"] for r in gateway.fake.requests_to("meta")] == [
+        "203.0.113.9, 127.0.0.1",
+        "198.51.100.7, 127.0.0.1",
+        "203.0.113.9, 127.0.0.1",
+    ]
+
+
 # Pipelining
 
 
