@@ -37,6 +37,7 @@ from gateway.app import PROXY_KEY
 from gateway.config import Settings
 from gateway.deadline import Deadline
 from gateway.errors import GatewayError
+from gateway.http_heads import length_value, split_content_length
 from gateway.proxy import (
     JSON_MEDIA_TYPES,
     ApiProxy,
@@ -67,8 +68,6 @@ MAX_PLAIN_FIELDS = 100
 # Bytes buffered from a client while a request is in progress before the
 # server stops reading from it.
 MAX_BUFFERED = 256 * 1024
-# Starts of a Content-Length line, in the spellings clients send.
-CONTENT_LENGTH_STARTS = (b"\r\nContent-Length:", b"\r\ncontent-length:")
 # Statuses whose responses have no body (RFC 9110 sections 6.4.1 and 15.3.5).
 NO_BODY_STATUSES = frozenset({204, 304})
 # Fields the server writes itself from the body it sends.
@@ -192,20 +191,6 @@ class ParsedHead:
         self.memo: dict[str, Any] = {}
 
 
-def _split_length(head: bytes) -> tuple[bytes, bytes] | None:
-    """Return the head without its first Content-Length value, and that value."""
-    for start in CONTENT_LENGTH_STARTS:
-        found = head.find(start)
-        if found >= 0:
-            value_start = found + len(start)
-            value_end = head.find(b"\r\n", value_start)
-            return (
-                head[:value_start] + head[value_end:],
-                head[value_start:value_end].strip(b" \t"),
-            )
-    return None
-
-
 class FastResponder:
     """Responder that writes HTTP/1.1 responses to a ``FrontProtocol``."""
 
@@ -224,7 +209,12 @@ class FastResponder:
     ) -> None:
         """Relay an upstream response, in one write when its body is here."""
         try:
-            fields = response_fields(upstream.headers)
+            memo = upstream.memo
+            fields = memo.get("fields") if memo is not None else None
+            if fields is None:
+                fields = response_fields(upstream.headers)
+                if memo is not None:
+                    memo["fields"] = fields
             status = upstream.status
             body = prefetched if prefetched is not None else upstream.body_if_complete()
             if body is not None:
@@ -561,16 +551,14 @@ class FrontProtocol(asyncio.Protocol):
         last = self._last_head
         if last is None:
             return None
-        split = _split_length(head)
+        split = split_content_length(head)
         if split is None or split[0] != last.key:
             return None
         value = split[1]
         # Everything else was checked with the last head; the value is still
         # to be checked as ``_parse_head`` would.
-        if not value.isdigit():
-            return None
-        content_length = int(value)
-        if content_length > self._front.max_body_size:
+        content_length = length_value(value)
+        if content_length is None or content_length > self._front.max_body_size:
             return None
         fields = last.fields.copy()
         name = fields[last.length_index][0]
@@ -651,7 +639,7 @@ class FrontProtocol(asyncio.Protocol):
             return None
 
         memo = None
-        split = _split_length(head)
+        split = split_content_length(head)
         if split is not None:
             parsed = ParsedHead(
                 split[0], target, fields, length_index, media_type, self._keep_alive

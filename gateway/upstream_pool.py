@@ -28,6 +28,7 @@ import httptools
 
 from gateway.deadline import Deadline
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.http_heads import length_value, split_content_length
 
 # Distinct sets of shared request fields whose encoding is kept, and the
 # longest encoding kept: at most about 1 MiB in all. The shared fields never
@@ -35,6 +36,12 @@ from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 # fields of each request.
 MAX_ENCODED_FIELDS = 256
 MAX_ENCODED_LENGTH = 2048
+# Distinct response heads kept to skip parsing their repeats (see KnownHead).
+# The Date field changes every second, so this is about the number of kinds
+# of response an upstream sends within one second.
+MAX_KNOWN_HEADS = 64
+# Statuses whose responses never have a body, whatever their fields announce.
+BODILESS_STATUSES = frozenset({204, 304})
 # Bytes of response body buffered before the client side is read from again.
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
@@ -46,6 +53,33 @@ class UpstreamProtocolError(Exception):
 
 class BodyReadError(Exception):
     """The response body could not be read to its end."""
+
+
+class KnownHead:
+    """A response head that llhttp parsed, kept to take its repeats without parsing.
+
+    ``key`` (see ``gateway.http_heads``) is the head without its
+    Content-Length value, which is field ``length_index`` of ``headers``.
+    """
+
+    __slots__ = ("status", "reason", "headers", "length_index", "keep_alive", "memo")
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        headers: list[tuple[str, str]],
+        length_index: int,
+        keep_alive: bool,
+    ):
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.length_index = length_index
+        self.keep_alive = keep_alive
+        # What the relay derived from these fields, shared by every response
+        # with this head (as ``UpstreamResponse.memo``).
+        self.memo: dict[str, Any] = {}
 
 
 class UpstreamResponse:
@@ -71,6 +105,13 @@ class UpstreamResponse:
         # Set when the upstream responded before the request body was sent in
         # full; the connection's state is then unknown.
         self.request_incomplete = False
+        # Shared with earlier responses with the same head, if it was known.
+        self.memo: dict[str, Any] | None = None
+
+    @property
+    def head_only(self) -> bool:
+        """Whether this responds to a HEAD request, so has no body in any case."""
+        return self._head_only
 
     @property
     def headers_arrived(self) -> bool:
@@ -178,6 +219,21 @@ class UpstreamResponse:
         )
         return not framed
 
+    def take_known(self, known: KnownHead, length: str, body: bytes) -> None:
+        """Take a whole response whose head repeats ``known`` but for its length."""
+        headers = known.headers.copy()
+        headers[known.length_index] = (headers[known.length_index][0], length)
+        self.status = known.status
+        self.reason = known.reason
+        self.headers = headers
+        self.content_length = len(body)
+        self.memo = known.memo
+        if body:
+            self._chunks.append(body)
+            self._buffered = len(body)
+        self._complete = True
+        self._headers_ready.set_result(None)
+
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)
         self._buffered += len(body)
@@ -212,7 +268,8 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.keep_alive = False
         self.idle_since = 0.0
-        self._parser = httptools.HttpResponseParser(self)
+        # Created for each response unless its head is known (see KnownHead).
+        self._parser: httptools.HttpResponseParser | None = None
         self._response: UpstreamResponse | None = None
         self._read_deadline = Deadline(self._loop, self._timed_out)
         self._paused = False
@@ -231,12 +288,25 @@ class _Connection(asyncio.Protocol):
             # Bytes on an idle connection: its state is unknown, so drop it.
             self.close()
             return
+        parser = self._parser
+        first = parser is None
+        if parser is None:
+            # The first bytes of this response, whose head may be known.
+            known = self._pool.known_head(response, data)
+            if known is not None:
+                self._cancel_read_timer()
+                self.keep_alive = known.keep_alive
+                return
+            parser = self._parser = httptools.HttpResponseParser(self)
         self._restart_read_timer()
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserError as error:
             response.fail(UpstreamProtocolError(str(error)))
             self.close()
+            return
+        if first and response.complete:
+            self._pool.remember_head(response, data, self.keep_alive)
 
     def eof_received(self) -> bool | None:
         response = self._response
@@ -276,7 +346,7 @@ class _Connection(asyncio.Protocol):
             self._response.on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        if self._response is None:
+        if self._response is None or self._parser is None:
             return
         status = self._parser.get_status_code()
         if 100 <= status < 200:
@@ -310,7 +380,7 @@ class _Connection(asyncio.Protocol):
         if self.transport is None:
             raise UpstreamUnavailable("The upstream connection is not open.")
         self._response = UpstreamResponse(self, method, self._loop)
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser = None
         self.transport.write(request)
         if timed:
             self._restart_read_timer()
@@ -411,6 +481,7 @@ class UpstreamPool:
         self._all: set[_Connection] = set()
         # Encoded field lines of the shared fields of recent requests.
         self._encoded: dict[tuple[tuple[str, str], ...], str] = {}
+        self._known_heads: dict[bytes, KnownHead] = {}
 
     async def request(
         self,
@@ -497,6 +568,70 @@ class UpstreamPool:
             lines.append(f"Content-Length: {len(body)}")
         lines.append("\r\n")
         return "\r\n".join(lines).encode("latin-1")
+
+    def known_head(self, response: UpstreamResponse, data: bytes) -> KnownHead | None:
+        """Give ``response`` the whole response in ``data`` if its head is known.
+
+        Returns the known head, or None (and changes nothing) when ``data`` is
+        not exactly a known head, a plain Content-Length and that many bytes.
+        """
+        if response.head_only:
+            return None
+        head_end = data.find(b"\r\n\r\n") + 4
+        split = split_content_length(data[:head_end]) if head_end >= 4 else None
+        if split is None:
+            return None
+        known = self._known_heads.get(split[0])
+        if known is None:
+            return None
+        length = length_value(split[1])
+        if length is None or len(data) - head_end != length:
+            return None
+        response.take_known(known, split[1].decode("ascii"), data[head_end:])
+        return known
+
+    def remember_head(
+        self, response: UpstreamResponse, data: bytes, keep_alive: bool
+    ) -> None:
+        """Keep the head of a response that llhttp parsed whole from ``data``.
+
+        Only a final response of one piece is kept: a status with a body, one
+        Content-Length, no Transfer-Encoding, and ``data`` exactly the head
+        and the announced body.
+        """
+        status = response.status
+        length = response.content_length
+        if (
+            response.head_only
+            or status < 200
+            or status in BODILESS_STATUSES
+            or length is None
+        ):
+            return
+        head_end = data.find(b"\r\n\r\n") + 4
+        if head_end < 4 or len(data) - head_end != length:
+            return
+        if not data.startswith(b"HTTP/1.1 %d " % status):
+            # The first head in ``data`` is not this response's (an interim
+            # response came first), or not the usual HTTP/1.1 form.
+            return
+        length_index = -1
+        for index, (name, _) in enumerate(response.headers):
+            lowered = name.lower()
+            if lowered == "transfer-encoding" or (
+                lowered == "content-length" and length_index >= 0
+            ):
+                return
+            if lowered == "content-length":
+                length_index = index
+        split = split_content_length(data[:head_end])
+        if length_index < 0 or split is None:
+            return
+        if len(self._known_heads) >= MAX_KNOWN_HEADS:
+            self._known_heads.clear()
+        self._known_heads[split[0]] = KnownHead(
+            status, response.reason, response.headers.copy(), length_index, keep_alive
+        )
 
     def _encode_shared(self, shared: tuple[tuple[str, str], ...]) -> str:
         """Return the field lines of ``shared``, without the final line end."""

@@ -1587,3 +1587,131 @@ async def test_scripted_upstream_same_response(start_gateway, head, first, rest,
     assert lean.reason == plain.reason
     assert comparable_fields(lean, b"") == comparable_fields(plain, b"")
     assert lean.body == plain.body
+
+
+# Repeated upstream heads: a response head equal to one parsed before but for
+# its Content-Length value is taken without llhttp (gateway.upstream_pool).
+
+
+class SequencedUpstream:
+    """An upstream that sends ``responses`` in turn, one per request, as raw bytes."""
+
+    def __init__(self, responses: list[bytes]):
+        self.responses = list(responses)
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def _serve(self, reader, writer) -> None:
+        try:
+            while self.responses:
+                request_head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in request_head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                await reader.readexactly(length)
+                writer.write(self.responses.pop(0))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+def upstream_response(body: bytes, length: bytes | None = None, tag: bytes = b"a"):
+    length = str(len(body)).encode() if length is None else length
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Tag: " + tag + b"\r\n"
+        b"Content-Length: " + length + b"\r\n\r\n" + body
+    )
+
+
+async def relay_sequence(start_gateway, responses: list[bytes]) -> list[Response]:
+    """Send one request per scripted response on one client connection."""
+    upstream = SequencedUpstream(responses)
+    url = await upstream.start()
+    gateway = await start_gateway(upstream_url=url, **{"policy.check_upstream": False})
+    connection = await Connection.open(gateway)
+    relayed = []
+    try:
+        for _ in responses:
+            await connection.send(http_request())
+            relayed.append(await connection.response())
+    finally:
+        connection.close()
+        await upstream.close()
+    return relayed
+
+
+async def test_repeated_upstream_head_new_length(start_gateway):
+    bodies = [b"hello", b"hello world", b"", b"hello"]
+    relayed = await relay_sequence(
+        start_gateway, [upstream_response(body) for body in bodies]
+    )
+
+    assert [r.status for r in relayed] == [200] * 4
+    assert [r.body for r in relayed] == bodies
+    assert [r.header("Content-Length") for r in relayed] == ["5", "11", "0", "5"]
+    assert [r.header("X-Tag") for r in relayed] == ["a"] * 4
+    assert len({r.header("X-Request-Id") for r in relayed}) == 4
+
+
+async def test_changed_upstream_head_parsed_again(start_gateway):
+    responses = [
+        upstream_response(b"one", tag=b"a"),
+        upstream_response(b"two", tag=b"b"),
+        upstream_response(b"three", tag=b"a"),
+    ]
+    relayed = await relay_sequence(start_gateway, responses)
+
+    assert [r.header("X-Tag") for r in relayed] == ["a", "b", "a"]
+    assert [r.body for r in relayed] == [b"one", b"two", b"three"]
+
+
+@pytest.mark.parametrize(
+    "length",
+    [
+        pytest.param(b"5x", id="not-digits"),
+        pytest.param(b"-5", id="negative"),
+        pytest.param(b"5 5", id="two-numbers"),
+    ],
+)
+async def test_repeated_upstream_head_bad_length(start_gateway, length):
+    responses = [upstream_response(b"hello"), upstream_response(b"hello", length)]
+    upstream = SequencedUpstream(responses)
+    url = await upstream.start()
+    gateway = await start_gateway(upstream_url=url, **{"policy.check_upstream": False})
+    connection = await Connection.open(gateway)
+    await connection.send(http_request())
+    first = await connection.response()
+    await connection.send(http_request())
+    second = await connection.response()
+    connection.close()
+    await upstream.close()
+
+    assert first.body == b"hello"
+    assert second.status == 502
+    assert second.json()["error"]["code"] == "UPSTREAM_UNAVAILABLE"
+
+
+async def test_upstream_head_after_interim_response(start_gateway):
+    interim = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+    responses = [
+        interim + upstream_response(b"first"),
+        upstream_response(b"again"),
+        interim + upstream_response(b"third"),
+    ]
+    relayed = await relay_sequence(start_gateway, responses)
+
+    assert [r.status for r in relayed] == [200] * 3
+    assert [r.body for r in relayed] == [b"first", b"again", b"third"]
