@@ -219,7 +219,13 @@ class FastResponder:
             body = prefetched if prefetched is not None else upstream.body_if_complete()
             if body is not None:
                 self._write_head(
-                    status, upstream.reason, fields, len(body), body, extra_headers
+                    status,
+                    upstream.reason,
+                    fields,
+                    len(body),
+                    body,
+                    extra_headers,
+                    memo,
                 )
             else:
                 await self._stream(upstream, status, fields, extra_headers)
@@ -248,24 +254,27 @@ class FastResponder:
         length: int | None,
         body: bytes = b"",
         extra: Mapping[str, str] = EMPTY_FIELDS,
+        memo: dict[Any, Any] | None = None,
     ) -> None:
         """Write the status line, ``fields`` and ``extra``, and ``body`` with them.
 
         A field of ``extra`` replaces those of ``fields`` with the same name.
-        The framing and default fields follow aiohttp's responses.
+        The framing and default fields follow aiohttp's responses. ``memo``
+        keeps the lines of ``fields`` for responses with the same fields.
         """
         self.status = status
         if self._connection.closing:
             self.keep_alive = False
-        lines = [f"HTTP/1.1 {status} {reason or _reason(status)}"]
-        present = set()
         skipped = _skipped_fields(tuple(extra)) if extra else FRAMING_FIELDS
-        for name, value in fields:
-            lowered = name.lower()
-            if lowered in skipped:
-                continue
-            present.add(lowered)
-            lines.append(f"{name}: {value}")
+        key = ("lines", skipped)
+        kept = memo.get(key) if memo is not None else None
+        if kept is None:
+            kept = _field_lines(fields, skipped)
+            if memo is not None:
+                memo[key] = kept
+        field_lines, names = kept
+        lines = [f"HTTP/1.1 {status} {reason or _reason(status)}", *field_lines]
+        present = set(names)
         for name, value in extra.items():
             lowered = name.lower()
             if lowered in FRAMING_FIELDS:
@@ -318,6 +327,21 @@ class FastResponder:
             raise UpstreamBodyFailed(str(error)) from error
         if chunked:
             connection.write(b"0\r\n\r\n")
+
+
+def _field_lines(
+    fields: list[tuple[str, str]], skipped: frozenset[str]
+) -> tuple[list[str], frozenset[str]]:
+    """Return the lines of ``fields`` not in ``skipped``, and their names in lower case."""
+    lines = []
+    names = set()
+    for name, value in fields:
+        lowered = name.lower()
+        if lowered in skipped:
+            continue
+        names.add(lowered)
+        lines.append(f"{name}: {value}")
+    return lines, frozenset(names)
 
 
 @functools.lru_cache(maxsize=16)
