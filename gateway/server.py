@@ -332,7 +332,7 @@ class FastResponder:
 def _field_lines(
     fields: list[tuple[str, str]], skipped: frozenset[str]
 ) -> tuple[list[str], frozenset[str]]:
-    """Return the lines of ``fields`` not in ``skipped``, and their names in lower case."""
+    """Return the lines of ``fields`` not in ``skipped``, and their lowered names."""
     lines = []
     names = set()
     for name, value in fields:
@@ -392,7 +392,14 @@ class FrontProtocol(asyncio.Protocol):
         self._buffer = bytearray()
         self._request: FastRequest | None = None
         self._body_end = 0
+        # The connection's worker task serves one request after another, so
+        # a request costs no task of its own. While idle it waits for
+        # ``_wake``; a request that arrives while it runs waits in ``_queued``.
         self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[tuple[FastRequest, FastResponder] | None] | None = (
+            None
+        )
+        self._queued: tuple[FastRequest, FastResponder] | None = None
         self._idle_deadline = Deadline(self._loop, self._idle_timeout)
         self._reading_paused = False
         self._write_paused = False
@@ -454,6 +461,7 @@ class FrontProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._end_worker()
         self._front.connections.discard(self)
         self._stop_idle_timer()
         if self._discard_timer is not None:
@@ -568,7 +576,7 @@ class FrontProtocol(asyncio.Protocol):
         self._body_end = head_end + request.content_length
         self._take_body()
         responder = FastResponder(self, request.keep_alive)
-        self._task = self._loop.create_task(self._serve(request, responder))
+        self._hand_to_worker(request, responder)
 
     def _reuse_head(self, head: bytes) -> FastRequest | None:
         """Return the request if ``head`` is the last plain head but for its length."""
@@ -696,6 +704,41 @@ class FrontProtocol(asyncio.Protocol):
         if self._discarding:
             self._after_response()
 
+    def _hand_to_worker(self, request: FastRequest, responder: FastResponder) -> None:
+        """Have the worker task serve ``request``, starting it if there is none."""
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set_result((request, responder))
+        elif self._task is None or self._task.done():
+            self._task = self._loop.create_task(self._work(request, responder))
+        else:
+            # Called by the worker itself, which serves this next.
+            self._queued = (request, responder)
+
+    def _end_worker(self) -> None:
+        """Let an idle worker task return: no request will come."""
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set_result(None)
+
+    async def _work(self, request: FastRequest, responder: FastResponder) -> None:
+        while True:
+            await self._serve(request, responder)
+            queued = self._queued
+            if queued is not None:
+                self._queued = None
+                request, responder = queued
+                continue
+            if self._closed:
+                return
+            wake = self._wake = self._loop.create_future()
+            handed = await wake
+            if handed is None:
+                return
+            request, responder = handed
+
     async def _serve(self, request: FastRequest, responder: FastResponder) -> None:
         proxy = self._front.proxy
         try:
@@ -712,7 +755,6 @@ class FrontProtocol(asyncio.Protocol):
         self._request_done(request, responder)
 
     def _request_done(self, request: FastRequest, responder: FastResponder) -> None:
-        self._task = None
         if self._closed or self._stopping or not responder.keep_alive:
             self._request = None
             self.close()
@@ -753,6 +795,7 @@ class FrontProtocol(asyncio.Protocol):
         self._stop_idle_timer()
         self._front.connections.discard(self)
         self._closed = True
+        self._end_worker()
         handler = self._front.aiohttp_protocol()
         transport.set_protocol(handler)
         handler.connection_made(transport)

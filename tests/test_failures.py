@@ -319,17 +319,29 @@ async def test_redis_slow_is_503_within_timeout(start_gateway, own_redis):
 # failed exchanges, so a slot lost per failure would show at once.
 
 
+# Tasks that end on their own or with their connection: the start-up policy
+# check, and the worker task of each open lean-server connection.
+TRANSIENT_TASKS = frozenset({"check_policy_against_upstream", "_work"})
+
+
 def gateway_tasks() -> list[str]:
     """Return the names of running tasks whose code is the gateway's own."""
     names = []
     for task in asyncio.all_tasks():
         code = getattr(task.get_coro(), "cr_code", None)
-        # The start-up policy check ends on its own, whatever the test does.
-        if code is None or code.co_name == "check_policy_against_upstream":
+        if code is None or code.co_name in TRANSIENT_TASKS:
             continue
         if "/gateway/" in code.co_filename:
             names.append(code.co_qualname)
     return sorted(names)
+
+
+def connection_workers() -> int:
+    """Return the number of running lean-server connection workers."""
+    return sum(
+        getattr(task.get_coro(), "__qualname__", "") == "FrontProtocol._work"
+        for task in asyncio.all_tasks()
+    )
 
 
 async def test_no_connection_leak_after_failures(start_gateway):
@@ -375,6 +387,7 @@ async def test_no_connection_leak_after_failures(start_gateway):
     assert set(statuses) <= {0, 200, 502, 504}
     assert after.status == 200
     assert gateway_tasks() == tasks_before
+    assert connection_workers() <= len(gateway.client.server.runner.server.connections)
 
 
 async def test_client_gone_mid_upload_releases_connection(start_gateway, log_output):

@@ -274,6 +274,47 @@ async def test_not_plain_handed_off(gateway, request_bytes):
     assert lean_connections == 0
 
 
+# Connection workers: one task per lean connection serves its requests in turn.
+
+
+def connection_workers() -> int:
+    """Return the number of running lean-server connection workers."""
+    return sum(
+        getattr(task.get_coro(), "__qualname__", "") == "FrontProtocol._work"
+        for task in asyncio.all_tasks()
+    )
+
+
+async def test_worker_per_connection_ends_with_it(gateway):
+    connections = [await Connection.open(gateway) for _ in range(3)]
+    for connection in connections:
+        for _ in range(2):
+            await connection.send(http_request("/api/meta"))
+            assert (await connection.response()).status == 200
+    workers_while_open = connection_workers()
+    for connection in connections:
+        connection.close()
+    await wait_until(lambda: connection_workers() == 0)
+
+    assert workers_while_open == 3
+
+
+async def test_worker_ends_at_hand_off(gateway):
+    connection = await Connection.open(gateway)
+    await connection.send(http_request("/api/meta"))
+    lean = await connection.response()
+    await connection.send(HEALTH_CHECK)
+    handed_off = await connection.response()
+    await wait_until(lambda: connection_workers() == 0)
+    await connection.send(http_request("/api/meta"))
+    after = await connection.response()
+    connection.close()
+
+    assert lean.status == 200
+    assert handed_off.status == 200
+    assert after.status == 200
+
+
 # Repeated heads: a head equal to the last one on the connection but for its
 # Content-Length value reuses the last parse (gateway.server.ParsedHead).
 
