@@ -1506,17 +1506,10 @@ async def test_same_response_both_paths(gateway_pair, build):
 # Differential: upstream responses only a hand-written upstream sends
 
 
-class ScriptedUpstream:
-    """An upstream that responds to every request with the same bytes.
+class RawUpstream:
+    """An upstream server on loopback that writes responses as raw bytes."""
 
-    It sends ``head`` and ``first`` at once, then ``rest`` once ``release``
-    is set, and closes the connection after that when ``close`` is true.
-    """
-
-    def __init__(self, head: bytes, first: bytes, rest: bytes, close: bool):
-        self.response = (head, first, rest)
-        self.close_after = close
-        self.release = asyncio.Event()
+    def __init__(self) -> None:
         self.server: asyncio.Server | None = None
 
     async def start(self) -> str:
@@ -1524,17 +1517,44 @@ class ScriptedUpstream:
         port = self.server.sockets[0].getsockname()[1]
         return f"http://127.0.0.1:{port}"
 
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _serve(self, reader, writer) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    async def read_request(reader: asyncio.StreamReader) -> None:
+        """Read one request with a Content-Length body, or none."""
+        request_head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in request_head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        await reader.readexactly(length)
+
+
+class ScriptedUpstream(RawUpstream):
+    """An upstream that responds to every request with the same bytes.
+
+    It sends ``head`` and ``first`` at once, then ``rest`` once ``release``
+    is set, and closes the connection after that when ``close`` is true.
+    """
+
+    def __init__(self, head: bytes, first: bytes, rest: bytes, close: bool):
+        super().__init__()
+        self.response = (head, first, rest)
+        self.close_after = close
+        self.release = asyncio.Event()
+
     async def _serve(self, reader, writer) -> None:
         head, first, rest = self.response
         try:
             while True:
-                request_head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in request_head.split(b"\r\n"):
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                await reader.readexactly(length)
+                await self.read_request(reader)
                 writer.write(head + first)
                 await writer.drain()
                 await self.release.wait()
@@ -1546,11 +1566,6 @@ class ScriptedUpstream:
             pass
         finally:
             writer.close()
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
 
 
 SCRIPTED = [
@@ -1634,39 +1649,23 @@ async def test_scripted_upstream_same_response(start_gateway, head, first, rest,
 # its Content-Length value is taken without llhttp (gateway.upstream_pool).
 
 
-class SequencedUpstream:
-    """An upstream that sends ``responses`` in turn, one per request, as raw bytes."""
+class SequencedUpstream(RawUpstream):
+    """An upstream that sends ``responses`` in turn, one per request."""
 
     def __init__(self, responses: list[bytes]):
+        super().__init__()
         self.responses = list(responses)
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self.server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
 
     async def _serve(self, reader, writer) -> None:
         try:
             while self.responses:
-                request_head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in request_head.split(b"\r\n"):
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                await reader.readexactly(length)
+                await self.read_request(reader)
                 writer.write(self.responses.pop(0))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
             writer.close()
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
 
 
 def upstream_response(body: bytes, length: bytes | None = None, tag: bytes = b"a"):
