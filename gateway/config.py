@@ -85,7 +85,7 @@ class ServerSettings:
     trusted_proxies: tuple[str, ...] = ()
     # Serve plain JSON API calls (POST /api/... with a JSON body of known
     # length) on the gateway's lean HTTP/1.1 server instead of aiohttp's.
-    # False leaves every request to aiohttp, at about half the speed.
+    # False leaves every request to aiohttp, at less than half the speed.
     fast_path: bool = True
 
 
