@@ -18,11 +18,13 @@ CONTENT_LENGTH_STARTS = (b"\r\nContent-Length:", b"\r\ncontent-length:")
 MAX_LENGTH_DIGITS = 15
 
 
-def split_content_length(head: bytes) -> tuple[bytes, bytes] | None:
+def split_content_length(head: bytes) -> tuple[bytes, bytes, int] | None:
     """Return ``head`` without its first Content-Length value, and that value.
 
-    The value is returned without surrounding spaces and tabs. Returns None
-    when the head has no Content-Length line in one of the usual spellings.
+    The value is returned without surrounding spaces and tabs, followed by
+    the offset at which it starts, so ``head[:offset]`` is the part of the
+    head up to the value. Returns None when the head has no Content-Length
+    line in one of the usual spellings.
     """
     for start in CONTENT_LENGTH_STARTS:
         found = head.find(start)
@@ -32,6 +34,7 @@ def split_content_length(head: bytes) -> tuple[bytes, bytes] | None:
             return (
                 head[:value_start] + head[value_end:],
                 head[value_start:value_end].strip(b" \t"),
+                value_start,
             )
     return None
 

@@ -164,6 +164,7 @@ class ParsedHead:
 
     __slots__ = (
         "key",
+        "prefix",
         "target",
         "fields",
         "length_index",
@@ -175,6 +176,7 @@ class ParsedHead:
     def __init__(
         self,
         key: bytes,
+        prefix: bytes,
         target: str,
         fields: list[tuple[str, str]],
         length_index: int,
@@ -182,6 +184,8 @@ class ParsedHead:
         keep_alive: bool,
     ):
         self.key = key
+        # The head up to the Content-Length value: a quick first check.
+        self.prefix = prefix
         self.target = target
         self.fields = fields
         self.length_index = length_index
@@ -581,7 +585,8 @@ class FrontProtocol(asyncio.Protocol):
     def _reuse_head(self, head: bytes) -> FastRequest | None:
         """Return the request if ``head`` is the last plain head but for its length."""
         last = self._last_head
-        if last is None:
+        if last is None or not head.startswith(last.prefix):
+            # Most heads that differ, differ before the Content-Length value.
             return None
         split = split_content_length(head)
         if split is None or split[0] != last.key:
@@ -674,7 +679,13 @@ class FrontProtocol(asyncio.Protocol):
         split = split_content_length(head)
         if split is not None:
             parsed = ParsedHead(
-                split[0], target, fields, length_index, media_type, self._keep_alive
+                split[0],
+                head[: split[2]],
+                target,
+                fields,
+                length_index,
+                media_type,
+                self._keep_alive,
             )
             self._last_head = parsed
             memo = parsed.memo

@@ -107,6 +107,9 @@ class UpstreamResponse:
         self.request_incomplete = False
         # Shared with earlier responses with the same head, if it was known.
         self.memo: dict[str, Any] | None = None
+        # The head without its Content-Length value, when it was looked up
+        # among the known heads and not found; kept to remember it after.
+        self.head_key: bytes | None = None
 
     @property
     def head_only(self) -> bool:
@@ -583,6 +586,7 @@ class UpstreamPool:
             return None
         known = self._known_heads.get(split[0])
         if known is None:
+            response.head_key = split[0]
             return None
         length = length_value(split[1])
         if length is None or len(data) - head_end != length:
@@ -624,12 +628,13 @@ class UpstreamPool:
                 return
             if lowered == "content-length":
                 length_index = index
-        split = split_content_length(data[:head_end])
-        if length_index < 0 or split is None:
+        # Set by the lookup in ``known_head`` on the same ``data``.
+        key = response.head_key
+        if length_index < 0 or key is None:
             return
         if len(self._known_heads) >= MAX_KNOWN_HEADS:
             self._known_heads.clear()
-        self._known_heads[split[0]] = KnownHead(
+        self._known_heads[key] = KnownHead(
             status, response.reason, response.headers.copy(), length_index, keep_alive
         )
 
