@@ -19,8 +19,11 @@ MAX_LENGTH_DIGITS = 15
 
 
 def split_content_length(head: bytes) -> tuple[bytes, bytes, int] | None:
-    """Return ``head`` without its first Content-Length value, and that value.
+    """Return ``head`` without a Content-Length value, and that value.
 
+    The line is the first one spelled ``Content-Length``, or if there is
+    none, the first spelled ``content-length``. Heads with two such lines
+    never reach a key, because the full parse rejects them.
     The value is returned without surrounding spaces and tabs, followed by
     the offset at which it starts, so ``head[:offset]`` is the part of the
     head up to the value. Returns None when the head has no Content-Length

@@ -69,9 +69,10 @@ class MetricsBatch:
     cost about as much as the gateway's own logging. Requests record here
     instead, and the batch is applied to the metrics by a callback at the
     start of the next loop iteration, before the process reads or handles
-    anything else. A scrape therefore still counts every request that has
-    been responded to. In the multiprocess mode the memory-mapped files are
-    written then too.
+    anything else. A scrape therefore still counts every request its own
+    process has responded to. In the multiprocess mode the memory-mapped
+    files are written then too, so another worker's latest requests reach a
+    scrape once that worker's event loop has started its next iteration.
     """
 
     def __init__(self, histogram: Histogram):

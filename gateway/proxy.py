@@ -338,7 +338,7 @@ class ApiProxy:
         if not info_enabled():
             return
         # Milliseconds to three decimals: round(x * 1000) / 1000 rounds like
-        # round(x, 3) at a third of the cost.
+        # round(x, 3) but for some exact ties, at a third of the cost.
         duration_us = round((time.perf_counter() - log.started) * 1_000_000)
         fields: dict[str, Any] = {
             "request_id": log.request_id,

@@ -586,7 +586,7 @@ class FrontProtocol(asyncio.Protocol):
         """Return the request if ``head`` is the last plain head but for its length."""
         last = self._last_head
         if last is None or not head.startswith(last.prefix):
-            # Most heads that differ, differ before the Content-Length value.
+            # A head that differs usually does so before the Content-Length value.
             return None
         split = split_content_length(head)
         if split is None or split[0] != last.key:
@@ -718,10 +718,12 @@ class FrontProtocol(asyncio.Protocol):
     def _hand_to_worker(self, request: FastRequest, responder: FastResponder) -> None:
         """Have the worker task serve ``request``, starting it if there is none."""
         wake = self._wake
-        if wake is not None:
+        if wake is not None and not wake.done():
             self._wake = None
             wake.set_result((request, responder))
-        elif self._task is None or self._task.done():
+        elif self._task is None or self._task.done() or wake is not None:
+            # No worker, or one whose wait was cancelled and that is ending.
+            self._wake = None
             self._task = self._loop.create_task(self._work(request, responder))
         else:
             # Called by the worker itself, which serves this next.
@@ -730,8 +732,8 @@ class FrontProtocol(asyncio.Protocol):
     def _end_worker(self) -> None:
         """Let an idle worker task return: no request will come."""
         wake = self._wake
-        if wake is not None:
-            self._wake = None
+        self._wake = None
+        if wake is not None and not wake.done():
             wake.set_result(None)
 
     async def _work(self, request: FastRequest, responder: FastResponder) -> None:
@@ -745,7 +747,12 @@ class FrontProtocol(asyncio.Protocol):
             if self._closed:
                 return
             wake = self._wake = self._loop.create_future()
-            handed = await wake
+            try:
+                handed = await wake
+            finally:
+                # A cancelled wait leaves nothing behind for the next request.
+                if self._wake is wake:
+                    self._wake = None
             if handed is None:
                 return
             request, responder = handed

@@ -291,6 +291,12 @@ class _Connection(asyncio.Protocol):
             # Bytes on an idle connection: its state is unknown, so drop it.
             self.close()
             return
+        if response.complete:
+            # Unrequested bytes after the whole response: the connection's
+            # state is unknown, so it is not used again.
+            self.keep_alive = False
+            self.close()
+            return
         parser = self._parser
         first = parser is None
         if parser is None:
@@ -339,6 +345,14 @@ class _Connection(asyncio.Protocol):
         self._pool.forget(self)
 
     # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        response = self._response
+        if response is not None and response.complete:
+            # An unrequested second message in the same read. Stopping here
+            # keeps it out of the response, and the connection is then closed
+            # as after any parse error.
+            raise UpstreamProtocolError("bytes after the end of the response")
 
     def on_status(self, status: bytes) -> None:
         if self._response is not None:

@@ -315,6 +315,29 @@ async def test_worker_ends_at_hand_off(gateway):
     assert after.status == 200
 
 
+async def test_cancelled_idle_worker_leaves_connection_usable(gateway):
+    errors: list[dict] = []
+    asyncio.get_running_loop().set_exception_handler(
+        lambda loop, context: errors.append(context)
+    )
+    front = front_server(gateway)
+    connection = await Connection.open(gateway)
+    await connection.send(http_request("/api/meta"))
+    first = await connection.response()
+    (protocol,) = front.connections
+    # What cancelling every task on the way out does to an idle worker.
+    protocol._task.cancel()
+    await wait_until(lambda: connection_workers() == 0)
+    await connection.send(http_request("/api/meta"))
+    second = await connection.response()
+    connection.close()
+    await wait_until(lambda: not front.connections)
+
+    assert first.status == 200
+    assert second.status == 200
+    assert errors == []
+
+
 # Repeated heads: a head equal to the last one on the connection but for its
 # Content-Length value reuses the last parse (gateway.server.ParsedHead).
 
@@ -1742,6 +1765,67 @@ async def test_repeated_upstream_head_bad_length(start_gateway, length):
     assert first.body == b"hello"
     assert second.status == 502
     assert second.json()["error"]["code"] == "UPSTREAM_UNAVAILABLE"
+
+
+class ChattyUpstream(RawUpstream):
+    """An upstream that sends its response, then the same bytes again unasked.
+
+    With ``pause`` None both copies go in one write, else the second follows
+    ``pause`` seconds later.
+    """
+
+    def __init__(self, response: bytes, pause: float | None):
+        super().__init__()
+        self.response = response
+        self.pause = pause
+        self.connections = 0
+
+    async def _serve(self, reader, writer) -> None:
+        self.connections += 1
+        try:
+            while True:
+                await self.read_request(reader)
+                if self.pause is None:
+                    writer.write(self.response * 2)
+                    await writer.drain()
+                    continue
+                writer.write(self.response)
+                await writer.drain()
+                await asyncio.sleep(self.pause)
+                writer.write(self.response)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize(
+    "pause",
+    [pytest.param(None, id="same-write"), pytest.param(0.05, id="later-write")],
+)
+async def test_unrequested_upstream_bytes_drop_connection(start_gateway, pause):
+    errors: list[dict] = []
+    asyncio.get_running_loop().set_exception_handler(
+        lambda loop, context: errors.append(context)
+    )
+    upstream = ChattyUpstream(upstream_response(b"hello"), pause)
+    url = await upstream.start()
+    gateway = await start_gateway(upstream_url=url, **{"policy.check_upstream": False})
+    connection = await Connection.open(gateway)
+    responses = []
+    for _ in range(3):
+        await connection.send(http_request())
+        responses.append(await connection.response())
+        await asyncio.sleep(0.1)
+    connection.close()
+    await upstream.close()
+
+    assert [r.status for r in responses] == [200] * 3
+    assert [r.body for r in responses] == [b"hello"] * 3
+    # Each upstream connection is dropped once unrequested bytes arrive.
+    assert upstream.connections == 3
+    assert errors == []
 
 
 async def test_upstream_head_after_interim_response(start_gateway):
