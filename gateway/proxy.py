@@ -454,8 +454,8 @@ class ApiProxy:
         through ``request.memo`` (see ``gateway.server.ParsedHead``), and the
         upstream client encodes them once (``UpstreamPool.request``).
         """
-        memo: dict[str, Any] | None = getattr(request, "memo", None)
-        key = "upstream_fields" if json_body else "upstream_fields_without_body"
+        memo: dict[Any, Any] | None = getattr(request, "memo", None)
+        key = ("upstream_fields", json_body)
         if memo is not None:
             cached: tuple[tuple[str, str], ...] | None = memo.get(key)
             if cached is not None:
@@ -593,10 +593,10 @@ class ApiProxy:
         log.fields["token_injected"] = token is not None
         log.fields["upload"] = True
 
-        headers = forward_request_headers(request.headers)
-        headers.append(("X-Forwarded-For", self.forwarded_for(request)))
-        headers.append(("X-Forwarded-Proto", request.scheme))
-        headers.append((REQUEST_ID_HEADER, log.request_id))
+        headers = [
+            *self._upstream_fields(request, "multipart/form-data", json_body=False),
+            (REQUEST_ID_HEADER, log.request_id),
+        ]
         target = f"/api/{endpoint}?{query}" if query else f"/api/{endpoint}"
         upstream_started = time.perf_counter()
         # A streamed body cannot be sent twice, so a rejected token is relayed

@@ -104,7 +104,7 @@ class FastRequest:
         content_type: str,
         keep_alive: bool,
         body_timeout: float,
-        memo: dict[str, Any] | None = None,
+        memo: dict[Any, Any] | None = None,
     ):
         self.raw_path = raw_path
         self.headers = headers
@@ -192,7 +192,7 @@ class ParsedHead:
         self.media_type = media_type
         self.keep_alive = keep_alive
         # Given to every request with this head, as ``FastRequest.memo``.
-        self.memo: dict[str, Any] = {}
+        self.memo: dict[Any, Any] = {}
 
 
 class FastResponder:
@@ -271,12 +271,12 @@ class FastResponder:
             self.keep_alive = False
         skipped = _skipped_fields(tuple(extra)) if extra else FRAMING_FIELDS
         key = ("lines", skipped)
-        kept = memo.get(key) if memo is not None else None
-        if kept is None:
-            kept = _field_lines(fields, skipped)
+        cached_lines = memo.get(key) if memo is not None else None
+        if cached_lines is None:
+            cached_lines = _field_lines(fields, skipped)
             if memo is not None:
-                memo[key] = kept
-        field_lines, names = kept
+                memo[key] = cached_lines
+        field_lines, names = cached_lines
         lines = [f"HTTP/1.1 {status} {reason or _reason(status)}", *field_lines]
         present = set(names)
         for name, value in extra.items():
@@ -385,6 +385,10 @@ def _reason(status: int) -> str:
         return ""
 
 
+# A request and the responder for its response, as the worker task takes them.
+Exchange = tuple[FastRequest, FastResponder]
+
+
 class FrontProtocol(asyncio.Protocol):
     """One client connection: plain requests served here, the rest by aiohttp."""
 
@@ -400,10 +404,8 @@ class FrontProtocol(asyncio.Protocol):
         # a request costs no task of its own. While idle it waits for
         # ``_wake``; a request that arrives while it runs waits in ``_queued``.
         self._task: asyncio.Task[None] | None = None
-        self._wake: asyncio.Future[tuple[FastRequest, FastResponder] | None] | None = (
-            None
-        )
-        self._queued: tuple[FastRequest, FastResponder] | None = None
+        self._wake: asyncio.Future[Exchange | None] | None = None
+        self._queued: Exchange | None = None
         self._idle_deadline = Deadline(self._loop, self._idle_timeout)
         self._reading_paused = False
         self._write_paused = False

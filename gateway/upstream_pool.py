@@ -79,7 +79,7 @@ class KnownHead:
         self.keep_alive = keep_alive
         # What the relay derived from these fields, shared by every response
         # with this head (as ``UpstreamResponse.memo``).
-        self.memo: dict[str, Any] = {}
+        self.memo: dict[Any, Any] = {}
 
 
 class UpstreamResponse:
@@ -106,7 +106,7 @@ class UpstreamResponse:
         # full; the connection's state is then unknown.
         self.request_incomplete = False
         # Shared with earlier responses with the same head, if it was known.
-        self.memo: dict[str, Any] | None = None
+        self.memo: dict[Any, Any] | None = None
         # The head without its Content-Length value, when it was looked up
         # among the known heads and not found; kept to remember it after.
         self.head_key: bytes | None = None
